@@ -1,0 +1,108 @@
+// Warp-level matrix products on register accumulators. An accumulator tile
+// covers kMT x kNT mma tiles (16 x 8 each); element i of tile (mt, nt) sits at
+//   row = mt * 16 + lane / 4 + (i / 2) * 8,   col = nt * 8 + 2 * (lane % 4) + i % 2.
+#pragma once
+
+#include "smem_tile.cuh"
+
+namespace jax_flash {
+
+template <int kMT_, int kNT_>
+struct Accum {
+  static constexpr int kMT = kMT_;
+  static constexpr int kNT = kNT_;
+  float x[kMT][kNT][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[m][n][i] = 0.f;
+  }
+  static __device__ __forceinline__ int row(int mt, int i, int lane) {
+    return mt * 16 + (lane >> 2) + (i >> 1) * 8;
+  }
+  static __device__ __forceinline__ int col(int nt, int i, int lane) {
+    return nt * 8 + 2 * (lane & 3) + (i & 1);
+  }
+};
+
+// acc[m0.., n0..] += A[m0.., k] * B[k, n0..] over kK columns of k, both from smem.
+template <typename T, bool kATrans, bool kBTrans, int kK, typename Acc, typename TileA,
+          typename TileB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, const TileA& a_tile, int m0, const TileB& b_tile,
+                                        int n0, int lane) {
+  static_assert(Acc::kNT % 2 == 0, "B fragments are loaded two n-tiles at a time");
+#pragma unroll
+  for (int k = 0; k < kK; k += 16) {
+    uint32_t a[Acc::kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < Acc::kMT; ++mt) load_frag_a<kATrans>(a[mt], a_tile, m0 + mt * 16, k, lane);
+#pragma unroll
+    for (int np = 0; np < Acc::kNT / 2; ++np) {
+      uint32_t b[4];
+      load_frag_b2<kBTrans>(b, b_tile, n0 + np * 16, k, lane);
+#pragma unroll
+      for (int mt = 0; mt < Acc::kMT; ++mt) {
+        mma_16816<T>(acc.x[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc.x[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// Packs an fp32 accumulator [kMT x 16*kKS] into A fragments of mma_16816: the C
+// layout of two adjacent n8 tiles is the A layout of one k16 step.
+template <typename T, typename Acc>
+__device__ __forceinline__ void accum_to_a_frags(uint32_t (&a)[Acc::kMT][Acc::kNT / 2][4],
+                                                 const Acc& acc) {
+#pragma unroll
+  for (int mt = 0; mt < Acc::kMT; ++mt)
+#pragma unroll
+    for (int ks = 0; ks < Acc::kNT / 2; ++ks) {
+      a[mt][ks][0] = pack2<T>(acc.x[mt][2 * ks][0], acc.x[mt][2 * ks][1]);
+      a[mt][ks][1] = pack2<T>(acc.x[mt][2 * ks][2], acc.x[mt][2 * ks][3]);
+      a[mt][ks][2] = pack2<T>(acc.x[mt][2 * ks + 1][0], acc.x[mt][2 * ks + 1][1]);
+      a[mt][ks][3] = pack2<T>(acc.x[mt][2 * ks + 1][2], acc.x[mt][2 * ks + 1][3]);
+    }
+}
+
+// acc += A * B with A already in registers (kMT x kKS k16 steps) and B from smem.
+template <typename T, bool kBTrans, int kMT, int kKS, typename Acc, typename TileB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, const uint32_t (&a)[kMT][kKS][4],
+                                        const TileB& b_tile, int n0, int lane) {
+  static_assert(Acc::kMT == kMT && Acc::kNT % 2 == 0, "fragment shapes must agree");
+#pragma unroll
+  for (int ks = 0; ks < kKS; ++ks)
+#pragma unroll
+    for (int np = 0; np < Acc::kNT / 2; ++np) {
+      uint32_t b[4];
+      load_frag_b2<kBTrans>(b, b_tile, n0 + np * 16, ks * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(acc.x[mt][2 * np], a[mt][ks], b[0], b[1]);
+        mma_16816<T>(acc.x[mt][2 * np + 1], a[mt][ks], b[2], b[3]);
+      }
+    }
+}
+
+// Stores an accumulator as 16-bit values into smem at (row0.., col0..).
+template <typename T, typename Acc, typename Tile>
+__device__ __forceinline__ void store_accum_smem(const Acc& acc, const Tile& tile, int row0,
+                                                 int col0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < Acc::kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < Acc::kNT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t v = pack2<T>(acc.x[mt][nt][2 * h], acc.x[mt][nt][2 * h + 1]);
+        const uint32_t a = tile.elem_addr(row0 + Acc::row(mt, 2 * h, lane),
+                                          col0 + Acc::col(nt, 0, lane));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(a), "r"(v));
+      }
+}
+
+}  // namespace jax_flash

@@ -1,0 +1,198 @@
+// XLA FFI handlers: decode buffers and attributes, validate, pick the kernel for
+// the configuration, launch on XLA's stream. Nothing here allocates, synchronizes
+// or touches device memory itself; workspaces arrive as extra results.
+//
+// Arrays are [..., seq, heads, head_dim] and lse-like arrays [..., heads, seq_q]:
+// every leading dim folds into the batch, which is the vmap rule.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../kernel_registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_flash {
+namespace {
+
+std::string dims_str(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+ffi::Error invalid(const std::string& msg) {
+  return ffi::Error::InvalidArgument("jax_flash: " + msg);
+}
+
+// [..., seq, heads, head_dim] -> (batch, seq, heads, head_dim).
+struct Layout4 {
+  int64_t batch, seq, heads, dim;
+};
+
+bool decode(const ffi::AnyBuffer& b, Layout4* out) {
+  auto d = b.dimensions();
+  if (d.size() < 3) return false;
+  const size_t r = d.size();
+  out->batch = 1;
+  for (size_t i = 0; i + 3 < r; ++i) out->batch *= d[i];
+  out->seq = d[r - 3];
+  out->heads = d[r - 2];
+  out->dim = d[r - 1];
+  return true;
+}
+
+bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+  auto x = a.dimensions(), y = b.dimensions();
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (x[i] != y[i]) return false;
+  return true;
+}
+
+// lse-like arrays: [..., heads, seq_q] with the leading dims of q.
+bool is_row_stat_of(ffi::Span<const int64_t> stat, const ffi::AnyBuffer& q) {
+  auto d = q.dimensions();
+  if (stat.size() != d.size() - 1) return false;
+  for (size_t i = 0; i + 3 < d.size(); ++i)
+    if (stat[i] != d[i]) return false;
+  return stat[stat.size() - 2] == d[d.size() - 2] && stat[stat.size() - 1] == d[d.size() - 3];
+}
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX; }
+
+// Shared checks of q, k, v; fills the shape and dtype.
+ffi::Error check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                     AttentionShape* shape, DType* dtype) {
+  const auto t = q.element_type();
+  if (t != ffi::DataType::F16 && t != ffi::DataType::BF16)
+    return invalid("query must be float16 or bfloat16");
+  if (k.element_type() != t || v.element_type() != t)
+    return invalid("query, key and value must share one dtype");
+  Layout4 lq, lk;
+  if (!decode(q, &lq) || !decode(k, &lk))
+    return invalid("query and key need rank >= 3 ([..., seq, heads, head_dim]), got " +
+                   dims_str(q.dimensions()) + " and " + dims_str(k.dimensions()));
+  if (!same_dims(k, v))
+    return invalid("key and value shapes differ: " + dims_str(k.dimensions()) + " vs " +
+                   dims_str(v.dimensions()));
+  if (k.dimensions().size() != q.dimensions().size() || lq.batch != lk.batch || lq.dim != lk.dim)
+    return invalid("query " + dims_str(q.dimensions()) + " and key " + dims_str(k.dimensions()) +
+                   " must agree on batch and head_dim");
+  if (lk.heads <= 0 || lq.heads % lk.heads != 0)
+    return invalid("num_heads " + std::to_string(lq.heads) + " must be a multiple of num_kv_heads " +
+                   std::to_string(lk.heads));
+  if (lq.seq < 1 || lk.seq < 1) return invalid("sequence lengths must be >= 1");
+  if (!fits_int(lq.batch) || !fits_int(lq.seq) || !fits_int(lk.seq) || lq.batch > 65535 ||
+      lq.heads > 65535)
+    return invalid("shape too large: query " + dims_str(q.dimensions()));
+  *dtype = t == ffi::DataType::BF16 ? DType::kBF16 : DType::kF16;
+  *shape = AttentionShape{int(lq.batch), int(lq.seq), int(lk.seq),
+                          int(lq.heads), int(lk.heads), int(lq.dim)};
+  return ffi::Error::Success();
+}
+
+ffi::Error not_compiled(const AttentionShape& s) {
+  return invalid("no kernel compiled for head_dim " + std::to_string(s.head_dim) +
+                 " and this dtype in this build (see JAX_FLASH_HEAD_DIMS / JAX_FLASH_DTYPES)");
+}
+
+ffi::Error launched(cudaError_t err) {
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("jax_flash: kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   float softmax_scale, bool causal, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+  AttentionShape shape;
+  DType dtype;
+  if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
+  if (!same_dims(q, *out) || out->element_type() != q.element_type())
+    return invalid("out must match query " + dims_str(q.dimensions()));
+  if (!is_row_stat_of(lse->dimensions(), q))
+    return invalid("lse must be [..., heads, seq_q], got " + dims_str(lse->dimensions()));
+  const FwdLauncher launch = find_fwd(dtype, shape.head_dim);
+  if (!launch) return not_compiled(shape);
+  FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
+              out->untyped_data(), lse->typed_data(), softmax_scale, causal};
+  return launched(launch(p, stream));
+}
+
+ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                   ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
+                   ffi::Buffer<ffi::F32> dlse, float softmax_scale, bool causal,
+                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                   ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
+                   ffi::Result<ffi::Buffer<ffi::F32>> delta) {
+  AttentionShape shape;
+  DType dtype;
+  if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
+  for (const ffi::AnyBuffer* b : {&out, &dout, &*dq})
+    if (!same_dims(q, *b) || b->element_type() != q.element_type())
+      return invalid("out, dout and dq must match query " + dims_str(q.dimensions()));
+  for (const ffi::AnyBuffer* b : {&*dk, &*dv})
+    if (!same_dims(k, *b) || b->element_type() != k.element_type())
+      return invalid("dk and dv must match key " + dims_str(k.dimensions()));
+  if (dq_accum->element_count() != q.element_count())
+    return invalid("dq_accum must have the element count of query");
+  for (auto d : {lse.dimensions(), dlse.dimensions(), delta->dimensions()})
+    if (!is_row_stat_of(d, q))
+      return invalid("lse, dlse and delta must be [..., heads, seq_q], got " + dims_str(d));
+  const BwdLauncher launch = find_bwd(dtype, shape.head_dim);
+  if (!launch) return not_compiled(shape);
+  BwdParams p{shape,
+              q.untyped_data(),
+              k.untyped_data(),
+              v.untyped_data(),
+              out.untyped_data(),
+              dout.untyped_data(),
+              lse.typed_data(),
+              dlse.typed_data(),
+              dq->untyped_data(),
+              dk->untyped_data(),
+              dv->untyped_data(),
+              dq_accum->typed_data(),
+              delta->typed_data(),
+              softmax_scale,
+              causal};
+  return launched(launch(p, stream));
+}
+
+}  // namespace
+}  // namespace jax_flash
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Ret<ffi::AnyBuffer>()            // out
+                                  .Ret<ffi::Buffer<ffi::F32>>(),    // lse
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()          // q
+                                  .Arg<ffi::AnyBuffer>()          // k
+                                  .Arg<ffi::AnyBuffer>()          // v
+                                  .Arg<ffi::AnyBuffer>()          // out
+                                  .Arg<ffi::AnyBuffer>()          // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dlse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<bool>("causal")
+                                  .Ret<ffi::AnyBuffer>()          // dq
+                                  .Ret<ffi::AnyBuffer>()          // dk
+                                  .Ret<ffi::AnyBuffer>()          // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum workspace
+                                  .Ret<ffi::Buffer<ffi::F32>>(),  // delta workspace
+                              {ffi::Traits::kCmdBufferCompatible});

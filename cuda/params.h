@@ -1,0 +1,50 @@
+// Problem description shared by the FFI handlers and the kernels. Every tensor is
+// contiguous: q/out/dq [batch, seq_q, heads, head_dim], k/v/dk/dv
+// [batch, seq_k, kv_heads, head_dim], lse/dlse/delta [batch, heads, seq_q].
+#pragma once
+
+#include <cstdint>
+
+namespace jax_flash {
+
+enum class DType { kF16, kBF16 };
+
+struct AttentionShape {
+  int batch;
+  int seq_q;
+  int seq_k;
+  int heads;
+  int kv_heads;
+  int head_dim;
+};
+
+struct FwdParams {
+  AttentionShape shape;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  float softmax_scale;
+  bool causal;
+};
+
+struct BwdParams {
+  AttentionShape shape;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  const float* lse;
+  const float* dlse;
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dq_accum;  // fp32 workspace [batch, seq_q, heads, head_dim]
+  float* delta;     // workspace [batch, heads, seq_q]: rowsum(dO * O) - dlse
+  float softmax_scale;
+  bool causal;
+};
+
+}  // namespace jax_flash

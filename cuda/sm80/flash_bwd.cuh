@@ -1,0 +1,287 @@
+// FlashAttention-2 backward on the sm80 instruction set, in three launches:
+//   1. preprocess: delta = rowsum(dO * O) - dlse (the lse cotangent enters here,
+//      since d lse / d s = p) and zero the fp32 dQ accumulator;
+//   2. main: one block per (key block, kv head, batch). K and V stay in shared
+//      memory, dK and dV in registers, while the block walks the query blocks of
+//      every query head of its GQA group (so the group's dK/dV are summed here,
+//      never materialized per query head). Per query block it recomputes
+//      P^T = exp(S^T - lse) from the saved lse, forms dS^T = P^T * (dP^T - delta)
+//      and adds its share of dQ into the fp32 accumulator with atomics;
+//   3. convert: dq = scale * dq_accum in the input dtype.
+// Causal query blocks that cannot see the key block are skipped, not masked.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../common/mask.cuh"
+#include "../common/warp_gemm.cuh"
+#include "../params.h"
+#include "tile_sizes.h"
+
+namespace jax_flash::sm80 {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// One thread per 16-byte chunk of a row; a row's chunks share a warp.
+template <typename T, int kD>
+__global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const BwdParams p) {
+  constexpr int kChunks = kD / 8;
+  constexpr int kRowsPerBlock = 256 / kChunks;
+  const AttentionShape& sh = p.shape;
+  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kChunks;
+  const int chunk = threadIdx.x % kChunks;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const bool valid = row < sh.seq_q;
+  const int64_t offset = ((int64_t(batch) * sh.seq_q + row) * sh.heads + head) * kD + chunk * 8;
+  float dot = 0.f;
+  if (valid) {
+    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + offset);
+    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + offset);
+    const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o);
+    const uint32_t* d2 = reinterpret_cast<const uint32_t*>(&d);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = unpack2<T>(o2[i]), b = unpack2<T>(d2[i]);
+      dot = fmaf(a.x, b.x, fmaf(a.y, b.y, dot));
+    }
+    float4* acc = reinterpret_cast<float4*>(p.dq_accum + offset);
+    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int s = kChunks / 2; s > 0; s /= 2) dot += __shfl_xor_sync(0xffffffff, dot, s);
+  if (valid && chunk == 0) {
+    const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
+    p.delta[r] = dot - p.dlse[r];
+  }
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdParams p) {
+  const int64_t n_chunks = int64_t(p.shape.batch) * p.shape.seq_q * p.shape.heads * kD / 8;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_chunks;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float4* src = reinterpret_cast<const float4*>(p.dq_accum) + 2 * i;
+    const float4 a = src[0], b = src[1];
+    const float s = p.softmax_scale;
+    uint4 out;
+    out.x = pack2<T>(a.x * s, a.y * s);
+    out.y = pack2<T>(a.z * s, a.w * s);
+    out.z = pack2<T>(b.x * s, b.y * s);
+    out.w = pack2<T>(b.z * s, b.w * s);
+    reinterpret_cast<uint4*>(p.dq)[i] = out;
+  }
+}
+
+template <typename T, int kD>
+struct BwdKernel {
+  using Tile = BwdTile<kD>;
+  static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
+  static constexpr int kStages = Tile::kStages;
+  static constexpr int kThreads = Tile::kWarps * 32;
+  using SW = typename Tile::ScoreWarps;
+  using KVW = typename Tile::KVWarps;
+  using QW = typename Tile::QWarps;
+  static_assert(SW::kWarpRows * SW::kWarpCols == Tile::kWarps &&
+                KVW::kWarpRows * KVW::kWarpCols == Tile::kWarps &&
+                QW::kWarpRows * QW::kWarpCols == Tile::kWarps, "warp grids must use every warp");
+  // Per-warp sub-tile sizes of each product.
+  static constexpr int kSRows = kBlockN / SW::kWarpRows, kSCols = kBlockM / SW::kWarpCols;
+  static constexpr int kKVRows = kBlockN / KVW::kWarpRows, kKVCols = kD / KVW::kWarpCols;
+  static constexpr int kQRows = kBlockM / QW::kWarpRows, kQCols = kD / QW::kWarpCols;
+  using AccS = Accum<kSRows / 16, kSCols / 8>;
+  using AccKV = Accum<kKVRows / 16, kKVCols / 8>;
+  using AccQ = Accum<kQRows / 16, kQCols / 8>;
+
+  using TileKV = SmemTile<kBlockN, kD>;
+  using TileQ = SmemTile<kBlockM, kD>;
+  using TileP = SmemTile<kBlockN, kBlockM>;
+  static constexpr int kStageBytes = 2 * TileQ::kBytes + 2 * kBlockM * int(sizeof(float));
+  static constexpr int kSmemBytes = 2 * TileKV::kBytes + 2 * TileP::kBytes + kStages * kStageBytes;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
+    flash_bwd_kernel(const BwdParams p) {
+  using K = BwdKernel<T, kD>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const typename K::TileKV sK{smem_u32(smem)};
+  const typename K::TileKV sV{sK.base + K::TileKV::kBytes};
+  const typename K::TileP sP{sV.base + K::TileKV::kBytes};
+  const typename K::TileP sdS{sP.base + K::TileP::kBytes};
+  uint8_t* stage_mem = smem + 2 * K::TileKV::kBytes + 2 * K::TileP::kBytes;
+  auto sQ = [&](int s) { return typename K::TileQ{smem_u32(stage_mem + s * K::kStageBytes)}; };
+  auto sdO = [&](int s) {
+    return typename K::TileQ{smem_u32(stage_mem + s * K::kStageBytes + K::TileQ::kBytes)};
+  };
+  // lse * log2(e) (+inf for rows that take no part) and delta of the stage's queries.
+  auto sLse = [&](int s) {
+    return reinterpret_cast<float*>(stage_mem + s * K::kStageBytes + 2 * K::TileQ::kBytes);
+  };
+  auto sDelta = [&](int s) { return sLse(s) + kBlockM; };
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int n0 = n_block * kBlockN;
+  const int group = sh.heads / sh.kv_heads;
+  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+
+  const int64_t q_row_stride = int64_t(sh.heads) * kD;
+  const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
+  const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  const int m_begin = mask.first_query(n0) / kBlockM;
+  const int m_count = (sh.seq_q + kBlockM - 1) / kBlockM - m_begin;
+  const int steps = group * m_count;
+
+  // Step -> (query head, first query row).
+  auto step_head = [&](int step) { return kv_head * group + step / m_count; };
+  auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+
+  auto load_stage = [&](int step, int s) {
+    const int head = step_head(step), m0 = step_m0(step);
+    const int64_t q_offset = (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
+    load_tile_async<kThreads>(sQ(s), static_cast<const T*>(p.q) + q_offset, q_row_stride,
+                              sh.seq_q - m0, tid);
+    load_tile_async<kThreads>(sdO(s), static_cast<const T*>(p.dout) + q_offset, q_row_stride,
+                              sh.seq_q - m0, tid);
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const int row = m0 + i;
+      const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
+      const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
+      sLse(s)[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
+      sDelta(s)[i] = row < sh.seq_q ? p.delta[r] : 0.f;
+    }
+  };
+
+  typename K::AccKV dk, dv;
+  dk.zero();
+  dv.zero();
+
+  const int s_m0 = (warp % K::SW::kWarpRows) * K::kSRows;  // key rows of S^T
+  const int s_n0 = (warp / K::SW::kWarpRows) * K::kSCols;  // query cols of S^T
+  const int kv_m0 = (warp % K::KVW::kWarpRows) * K::kKVRows;
+  const int kv_n0 = (warp / K::KVW::kWarpRows) * K::kKVCols;
+  const int q_m0 = (warp % K::QW::kWarpRows) * K::kQRows;
+  const int q_n0 = (warp / K::QW::kWarpRows) * K::kQCols;
+
+  if (steps > 0) {
+    load_tile_async<kThreads>(sK, static_cast<const T*>(p.k) + kv_offset, kv_row_stride,
+                              sh.seq_k - n0, tid);
+    load_tile_async<kThreads>(sV, static_cast<const T*>(p.v) + kv_offset, kv_row_stride,
+                              sh.seq_k - n0, tid);
+    load_stage(0, 0);
+    cp_async_commit();
+  }
+
+  for (int step = 0; step < steps; ++step) {
+    const int s = K::kStages == 2 ? step & 1 : 0;
+    const int head = step_head(step), m0 = step_m0(step);
+    cp_async_wait<0>();
+    __syncthreads();  // this stage landed; every warp is done with the other one and with sP/sdS
+    if (K::kStages == 2 && step + 1 < steps) {
+      load_stage(step + 1, s ^ 1);
+      cp_async_commit();
+    }
+
+    // S^T = K Q^T and dP^T = V dO^T, rows = keys, cols = queries.
+    typename K::AccS st, dpt;
+    st.zero();
+    dpt.zero();
+    gemm_ss<T, false, false, kD>(st, sK, s_m0, sQ(s), s_n0, lane);
+    gemm_ss<T, false, false, kD>(dpt, sV, s_m0, sdO(s), s_n0, lane);
+    const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
+    const float* lse = sLse(s);
+    const float* delta = sDelta(s);
+#pragma unroll
+    for (int mt = 0; mt < K::AccS::kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = s_m0 + K::AccS::row(mt, i, lane);
+          const int query = s_n0 + K::AccS::col(nt, i, lane);
+          float pv = fast_exp2(fmaf(st.x[mt][nt][i], scale_log2, -lse[query]));
+          if (need_mask && !mask.visible(m0 + query, n0 + key)) pv = 0.f;
+          st.x[mt][nt][i] = pv;
+          dpt.x[mt][nt][i] = pv * (dpt.x[mt][nt][i] - delta[query]);
+        }
+    store_accum_smem<T>(st, sP, s_m0, s_n0, lane);
+    store_accum_smem<T>(dpt, sdS, s_m0, s_n0, lane);
+    __syncthreads();  // P^T and dS^T visible to all warps
+
+    // dV += P^T dO, dK += dS^T Q (rows = keys).
+    gemm_ss<T, false, true, kBlockM>(dv, sP, kv_m0, sdO(s), kv_n0, lane);
+    gemm_ss<T, false, true, kBlockM>(dk, sdS, kv_m0, sQ(s), kv_n0, lane);
+
+    // dQ += dS K for this block's keys, into the fp32 accumulator.
+    typename K::AccQ dq;
+    dq.zero();
+    gemm_ss<T, true, true, kBlockN>(dq, sdS, q_m0, sK, q_n0, lane);
+    float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
+#pragma unroll
+    for (int mt = 0; mt < K::AccQ::kMT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = q_m0 + K::AccQ::row(mt, i, lane);
+        if (m0 + row >= sh.seq_q) continue;
+#pragma unroll
+        for (int nt = 0; nt < K::AccQ::kNT; ++nt)
+          atomicAdd(dq_accum + row * q_row_stride + q_n0 + K::AccQ::col(nt, i, lane),
+                    dq.x[mt][nt][i]);
+      }
+
+    if (K::kStages == 1 && step + 1 < steps) {
+      __syncthreads();  // every warp is done with the single stage
+      load_stage(step + 1, 0);
+      cp_async_commit();
+    }
+  }
+
+  // Epilogue: dK picks up the softmax scale here; dV needs none.
+  T* dk_out = static_cast<T*>(p.dk) + kv_offset;
+  T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+#pragma unroll
+  for (int mt = 0; mt < K::AccKV::kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = kv_m0 + K::AccKV::row(mt, 2 * h, lane);
+      if (n0 + row >= sh.seq_k) continue;
+#pragma unroll
+      for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
+        const int64_t off = row * kv_row_stride + kv_n0 + K::AccKV::col(nt, 0, lane);
+        *reinterpret_cast<uint32_t*>(dk_out + off) =
+            pack2<T>(dk.x[mt][nt][2 * h] * p.softmax_scale, dk.x[mt][nt][2 * h + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv_out + off) =
+            pack2<T>(dv.x[mt][nt][2 * h], dv.x[mt][nt][2 * h + 1]);
+      }
+    }
+}
+
+template <typename T, int kD>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using K = BwdKernel<T, kD>;
+  const AttentionShape& sh = p.shape;
+  constexpr int kPreRows = 256 / (kD / 8);
+  flash_bwd_preprocess_kernel<T, kD>
+      <<<dim3((sh.seq_q + kPreRows - 1) / kPreRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
+
+  auto kernel = flash_bwd_kernel<T, kD>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch), K::kThreads,
+           K::kSmemBytes, stream>>>(p);
+
+  const int64_t chunks = int64_t(sh.batch) * sh.seq_q * sh.heads * kD / 8;
+  const int blocks = int(std::min<int64_t>((chunks + 255) / 256, 65536));
+  flash_bwd_convert_dq_kernel<T, kD><<<blocks, 256, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::sm80

@@ -1,0 +1,137 @@
+// FlashAttention-2 forward on the sm80 instruction set.
+//
+// One block: kBlockM queries of one head. Q stays in shared memory; K and V tiles
+// stream through single buffers, each loaded while the other is consumed (V during
+// QK^T and softmax, the next K during PV). Key blocks are visited from last to
+// first so that the ones needing a mask (the causal diagonal, the ragged end) come
+// first and the rest run unmasked. P never leaves registers; the output is
+// normalized once at the end and O and lse are written once.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../common/mask.cuh"
+#include "../common/softmax.cuh"
+#include "../common/warp_gemm.cuh"
+#include "../params.h"
+#include "tile_sizes.h"
+
+namespace jax_flash::sm80 {
+
+template <typename T, int kD>
+struct FwdKernel {
+  using Tile = FwdTile<kD>;
+  static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
+  static constexpr int kThreads = Tile::kWarps * 32;
+  static constexpr int kWarpRows = kBlockM / Tile::kWarps;
+  static constexpr int kMT = kWarpRows / 16;
+  using TileQ = SmemTile<kBlockM, kD>;
+  using TileKV = SmemTile<kBlockN, kD>;
+  static constexpr int kSmemBytes = TileQ::kBytes + 2 * TileKV::kBytes;
+  using AccS = Accum<kMT, kBlockN / 8>;
+  using AccO = Accum<kMT, kD / 8>;
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
+    flash_fwd_kernel(const FwdParams p) {
+  using K = FwdKernel<T, kD>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const typename K::TileQ sQ{smem_u32(smem)};
+  const typename K::TileKV sK{sQ.base + K::TileQ::kBytes};
+  const typename K::TileKV sV{sK.base + K::TileKV::kBytes};
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Causal blocks with the most work launch first.
+  const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / (sh.heads / sh.kv_heads);
+  const int m0 = m_block * kBlockM;
+  const int warp_m0 = warp * K::kWarpRows;
+  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+
+  const int64_t q_row_stride = int64_t(sh.heads) * kD;
+  const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
+  const T* q = static_cast<const T*>(p.q) + (int64_t(batch) * sh.seq_q + m0) * q_row_stride +
+               head * kD;
+  const T* k = static_cast<const T*>(p.k) + int64_t(batch) * sh.seq_k * kv_row_stride +
+               kv_head * kD;
+  const T* v = static_cast<const T*>(p.v) + int64_t(batch) * sh.seq_k * kv_row_stride +
+               kv_head * kD;
+  T* out = static_cast<T*>(p.out) + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
+  float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
+
+  const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  typename K::AccO o;
+  o.zero();
+  OnlineSoftmax<K::kMT> softmax;
+
+  if (n_blocks > 0) {
+    load_tile_async<kThreads>(sQ, q, q_row_stride, sh.seq_q - m0, tid);
+    int n = n_blocks - 1;
+    load_tile_async<kThreads>(sK, k + n * kBlockN * kv_row_stride, kv_row_stride,
+                              sh.seq_k - n * kBlockN, tid);
+    cp_async_commit();
+    for (; n >= 0; --n) {
+      const int n0 = n * kBlockN;
+      cp_async_wait<0>();
+      __syncthreads();  // K[n] landed; every warp is done with V[n+1]
+      load_tile_async<kThreads>(sV, v + n0 * kv_row_stride, kv_row_stride, sh.seq_k - n0, tid);
+      cp_async_commit();
+
+      typename K::AccS s;
+      s.zero();
+      gemm_ss<T, false, false, kD>(s, sQ, warp_m0, sK, 0, lane);
+      if (mask.tile_needs_mask(m0 + warp_m0, n0, kBlockN))
+        mask_scores(s, mask, m0 + warp_m0, n0, lane);
+      softmax.update(s, o, scale_log2);
+      uint32_t p_frags[K::kMT][kBlockN / 16][4];
+      accum_to_a_frags<T>(p_frags, s);
+
+      cp_async_wait<0>();
+      __syncthreads();  // V[n] landed; every warp is done with K[n]
+      if (n > 0) {
+        load_tile_async<kThreads>(sK, k + (n0 - kBlockN) * kv_row_stride, kv_row_stride,
+                                  sh.seq_k - (n0 - kBlockN), tid);
+        cp_async_commit();
+      }
+      gemm_rs<T, true>(o, p_frags, sV, 0, lane);
+    }
+  }
+
+  float lse[K::kMT][2];
+  softmax.finalize(o, p.softmax_scale, lse);
+
+  // Epilogue: each thread writes its pairs of columns straight to global memory.
+#pragma unroll
+  for (int mt = 0; mt < K::kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_m0 + K::AccO::row(mt, 2 * h, lane);
+      if (m0 + row >= sh.seq_q) continue;
+      T* dst = out + row * q_row_stride;
+#pragma unroll
+      for (int nt = 0; nt < K::AccO::kNT; ++nt)
+        *reinterpret_cast<uint32_t*>(dst + K::AccO::col(nt, 0, lane)) =
+            pack2<T>(o.x[mt][nt][2 * h], o.x[mt][nt][2 * h + 1]);
+      if ((lane & 3) == 0) lse_out[row] = lse[mt][h];
+    }
+}
+
+template <typename T, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using K = FwdKernel<T, kD>;
+  auto kernel = flash_fwd_kernel<T, kD>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.shape.seq_q + K::kBlockM - 1) / K::kBlockM, p.shape.heads, p.shape.batch);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::sm80

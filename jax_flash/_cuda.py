@@ -1,0 +1,146 @@
+"""The CUDA kernel library: loading, FFI registration and the `ffi_call` wrappers.
+
+The library (`_lib/libjax_flash_cuda.so`) is plain C++/CUDA with C-linkage XLA FFI
+handler symbols and no Python ABI, so one build serves every Python version. It is
+loaded with ctypes and its handlers are registered with `jax.ffi` once, on first use.
+
+Arrays cross the boundary as `[..., seq, heads, head_dim]` (any leading dims are
+batch, which is how the vmap rule works: `vmap_method="broadcast_all"` adds a
+leading dim and the handlers fold every leading dim into the batch) and
+`lse`/`dlse` as `[..., heads, seq_q]` float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Head dims the kernels are compiled for; other sizes are zero-padded to the next
+# one (zero columns change neither q.k nor the output of the real columns).
+NATIVE_HEAD_DIMS = (64, 128, 256)
+DTYPES = (jnp.float16, jnp.bfloat16)
+
+_LIB_NAME = "libjax_flash_cuda.so"
+_TARGETS = {
+    "jax_flash_fwd": "JaxFlashFwd",
+    "jax_flash_bwd": "JaxFlashBwd",
+}
+
+
+def _library_path() -> pathlib.Path:
+  override = os.environ.get("JAX_FLASH_CUDA_LIB")
+  if override:
+    return pathlib.Path(override)
+  return pathlib.Path(__file__).parent / "_lib" / _LIB_NAME
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+  """Loads and registers the kernel library once; returns (ok, reason if not)."""
+  path = _library_path()
+  if not path.exists():
+    return False, (f"the CUDA kernel library {path} was not built (jax_flash was "
+                   "installed without nvcc); only the portable path is available")
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(path))
+  except OSError as e:
+    return False, f"could not load the CUDA kernel library {path}: {e}"
+  try:
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(
+          target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
+  except Exception as e:  # noqa: BLE001 - surfaced verbatim to the user
+    return False, (f"the CUDA kernel library {path} does not register with this "
+                   f"jaxlib ({jax.lib.__version__}): {e}. Rebuild jax_flash "
+                   "against this jaxlib's FFI headers.")
+  return True, ""
+
+
+def _has_cuda_device() -> bool:
+  try:
+    return bool(jax.devices("cuda"))
+  except RuntimeError:
+    return False
+
+
+def available() -> bool:
+  """True when the kernels are loaded and a CUDA device is present."""
+  return _has_cuda_device() and _load()[0]
+
+
+def library_loaded() -> bool:
+  return _load()[0]
+
+
+def unavailable_reason() -> str:
+  """Why `available()` is False ('' when it is True)."""
+  ok, reason = _load()
+  if not ok:
+    return reason
+  if not _has_cuda_device():
+    return "no CUDA device is visible to JAX"
+  return ""
+
+
+def unsupported_reason(dtype, head_dim: int) -> str:
+  """Why the kernels cannot serve these inputs ('' when they can)."""
+  if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
+    return (f"the CUDA kernels take float16 or bfloat16 inputs, got "
+            f"{jnp.dtype(dtype).name}")
+  if not 1 <= head_dim <= NATIVE_HEAD_DIMS[-1]:
+    return (f"the CUDA kernels take head_dim 1..{NATIVE_HEAD_DIMS[-1]}, got "
+            f"{head_dim}")
+  return ""
+
+
+def _padded_head_dim(head_dim: int) -> int:
+  return next(d for d in NATIVE_HEAD_DIMS if d >= head_dim)
+
+
+def _pad_last(x, size):
+  pad = size - x.shape[-1]
+  if pad == 0:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+
+
+def forward(q, k, v, *, softmax_scale: float, causal: bool):
+  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32."""
+  b, sq, h, d = q.shape
+  dp = _padded_head_dim(d)
+  out, lse = jax.ffi.ffi_call(
+      "jax_flash_fwd",
+      (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
+       jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+      vmap_method="broadcast_all",
+  )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
+    softmax_scale=np.float32(softmax_scale), causal=bool(causal))
+  return out[..., :d], lse
+
+
+def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
+             causal: bool):
+  """dq, dk, dv with the shapes and dtypes of q, k, v."""
+  b, sq, h, d = q.shape
+  _, sk, hk, _ = k.shape
+  dp = _padded_head_dim(d)
+  f32 = jnp.float32
+  dq, dk, dv, _, _ = jax.ffi.ffi_call(
+      "jax_flash_bwd",
+      (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
+       jax.ShapeDtypeStruct((b, sk, hk, dp), k.dtype),
+       jax.ShapeDtypeStruct((b, sk, hk, dp), v.dtype),
+       # Workspaces owned by XLA: the fp32 dQ accumulator and rowsum(dO*O) - dlse.
+       jax.ShapeDtypeStruct((b, sq, h, dp), f32),
+       jax.ShapeDtypeStruct((b, h, sq), f32)),
+      vmap_method="broadcast_all",
+  )(*[_pad_last(x, dp) for x in (q, k, v, out, dout)],
+    lse.astype(f32), dlse.astype(f32),
+    softmax_scale=np.float32(softmax_scale), causal=bool(causal))
+  return dq[..., :d], dk[..., :d], dv[..., :d]
