@@ -1,0 +1,440 @@
+"""Attention throughput and memory: jax_flash against its peers on one GPU.
+
+The design brief's standard sweep: bf16, 16k tokens per batch
+(batch = tokens // seq), hidden 2048 (heads = hidden // head_dim), seq 512..16k,
+head_dim 64/128/256, causal and not, forward and forward+backward. Every peer
+runs in the same process on the same GPU:
+
+  jax_flash      jax_flash.flash_attention(implementation="cuda")
+  xla            jax.nn.dot_product_attention(implementation="xla")
+  cudnn          jax.nn.dot_product_attention(implementation="cudnn")
+  pallas_triton  jax.experimental.pallas.ops.gpu.attention.mha
+  jax_flash_xla  jax_flash.flash_attention(implementation="xla"), on request
+
+FLOPs: forward 4*b*h*sq*sk*d (halved when causal), forward+backward 3.5x that.
+Memory: temp bytes of the compiled executable (`memory_analysis()`), known even
+where running it would not fit.
+
+Writes <out-dir>/<name>.jsonl (one row per peer and cell) and <name>.md (the
+table and summary), and prints the table last.
+
+  python benchmarks/bench_attention.py                         # full sweep
+  python benchmarks/bench_attention.py --seqs 4096 --head-dims 128 --modes fwd
+  python benchmarks/bench_attention.py --allow-cpu --quick --peers xla \\
+      --seqs 128 --tokens 1024                         # smoke test on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Runnable as a script from anywhere in the source tree.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax_flash  # noqa: E402
+
+PEERS = ("jax_flash", "xla", "cudnn", "pallas_triton")
+ALL_PEERS = PEERS + ("jax_flash_xla",)
+MODES = ("fwd", "fwdbwd")
+# FLOPs of each mode in units of one forward pass.
+MODE_FLOP_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
+DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  mode: str
+  causal: bool
+  head_dim: int
+  seq: int
+  batch: int
+  heads: int
+
+  @property
+  def flops(self) -> float:
+    fwd = 4 * self.batch * self.heads * self.seq * self.seq * self.head_dim
+    if self.causal:
+      fwd /= 2
+    return fwd * MODE_FLOP_FACTOR[self.mode]
+
+  def label(self) -> str:
+    return (f"{self.mode} {'causal' if self.causal else 'full'} "
+            f"d{self.head_dim} s{self.seq}")
+
+
+# -- peers ---------------------------------------------------------------------
+
+def _pallas_triton(cell: Cell):
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+  block_sizes = pallas_attention.BlockSizes.get_default()
+  if cell.head_dim > 128:
+    # The default 128x128 forward tiles need 320 KiB of shared memory at
+    # head_dim 256; cap every tile at 64 so the peer runs instead of failing.
+    block_sizes = dataclasses.replace(block_sizes, **{
+        f.name: min(getattr(block_sizes, f.name), 64)
+        for f in dataclasses.fields(block_sizes)
+        if getattr(block_sizes, f.name) is not None})
+  return functools.partial(
+      pallas_attention.mha, segment_ids=None,
+      sm_scale=1.0 / math.sqrt(cell.head_dim), causal=cell.causal,
+      block_sizes=block_sizes)
+
+
+def attention_fn(peer: str, cell: Cell):
+  """(q, k, v) -> out, all [batch, seq, heads, head_dim]."""
+  if peer in ("jax_flash", "jax_flash_xla"):
+    impl = "cuda" if peer == "jax_flash" else "xla"
+    return functools.partial(jax_flash.flash_attention, causal=cell.causal,
+                             implementation=impl)
+  if peer in ("xla", "cudnn"):
+    return functools.partial(jax.nn.dot_product_attention,
+                             is_causal=cell.causal, implementation=peer)
+  if peer == "pallas_triton":
+    return _pallas_triton(cell)
+  raise ValueError(f"unknown peer {peer!r}; choose from {ALL_PEERS}")
+
+
+def step_fn(attn, mode: str):
+  """(q, k, v, dout) -> what one training or inference step computes."""
+  if mode == "fwd":
+    return lambda q, k, v, dout: attn(q, k, v)
+
+  def fwdbwd(q, k, v, dout):
+    out, pullback = jax.vjp(attn, q, k, v)
+    return (out, *pullback(dout))
+  return fwdbwd
+
+
+# -- measuring -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  repeats: int = 5          # median over this many repeats
+  min_repeat_s: float = 0.02  # each repeat runs N iterations, N to reach this
+  max_iters: int = 1000
+
+
+def time_call(fn, args, timing: Timing) -> float:
+  """Median seconds per call of an already compiled fn."""
+  jax.block_until_ready(fn(*args))  # warm-up
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  once = time.perf_counter() - t0
+  iters = max(1, min(timing.max_iters, math.ceil(timing.min_repeat_s / once)))
+  per_call = []
+  for _ in range(timing.repeats):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    per_call.append((time.perf_counter() - t0) / iters)
+  return statistics.median(per_call)
+
+
+def _error_text(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0] if msg else ''}"[:400]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_memory_bytes() -> int | None:
+  try:
+    return jax.devices()[0].memory_stats()["bytes_limit"]
+  except Exception:  # noqa: BLE001 - CPU devices have no memory stats
+    return None
+
+
+def measure(peer: str, cell: Cell, args, timing: Timing):
+  row = dict(peer=peer, dtype=args[0].dtype.name, d=cell.head_dim, s=cell.seq,
+             b=cell.batch, h=cell.heads, causal=cell.causal, mode=cell.mode)
+  try:
+    t0 = time.perf_counter()
+    compiled = jax.jit(step_fn(attention_fn(peer, cell), cell.mode)).lower(
+        *args).compile()
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    stats = compiled.memory_analysis()
+    if stats is not None:
+      row["temp_bytes"] = int(stats.temp_size_in_bytes)
+      limit = _device_memory_bytes()
+      if limit and row["temp_bytes"] > limit:
+        row["error"] = (f"RESOURCE_EXHAUSTED: temp memory "
+                        f"{row['temp_bytes'] / 2**30:.1f} GiB exceeds the "
+                        f"device's {limit / 2**30:.1f} GiB (not run)")
+        return row
+    seconds = time_call(compiled, args, timing)
+    row["ms"] = seconds * 1e3
+    row["tflops"] = cell.flops / seconds / 1e12
+  except Exception as e:  # noqa: BLE001 - every failure is a result to record
+    row["error"] = _error_text(e)
+  return row
+
+
+def make_inputs(cell: Cell, dtype, seed: int):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (cell.batch, cell.seq, cell.heads, cell.head_dim)
+  return tuple(jax.random.normal(key, shape, dtype) for key in keys)
+
+
+# -- the sweep -----------------------------------------------------------------
+
+def sweep_cells(seqs, head_dims, modes, tokens, hidden):
+  for head_dim in head_dims:
+    for seq in seqs:
+      for causal in (False, True):
+        for mode in modes:
+          yield Cell(mode=mode, causal=causal, head_dim=head_dim, seq=seq,
+                     batch=max(1, tokens // seq),
+                     heads=max(1, hidden // head_dim))
+
+
+def run_sweep(args, cells, timing, log_file):
+  """Rows of every peer on every cell run, and how many cells were not run."""
+  dtype = DTYPES[args.dtype]
+  rows = []
+  start = time.perf_counter()
+  for i, cell in enumerate(cells):
+    if args.time_limit_s and time.perf_counter() - start > args.time_limit_s:
+      print(f"time limit {args.time_limit_s:.0f} s reached: "
+            f"{len(cells) - i} cells not run", flush=True)
+      return rows, len(cells) - i
+    inputs = make_inputs(cell, dtype, seed=i)
+    for peer in args.peers:
+      row = measure(peer, cell, inputs, timing)
+      rows.append(row)
+      log_file.write(json.dumps(row) + "\n")
+      log_file.flush()
+      print(_progress_line(row), flush=True)
+    del inputs
+  return rows, 0
+
+
+def _progress_line(row) -> str:
+  head = (f"{row['peer']:>14} {row['mode']:>6} "
+          f"{'causal' if row['causal'] else 'full':>6} d{row['d']:<3} "
+          f"s{row['s']:<5} b{row['b']} h{row['h']}")
+  if "error" in row:
+    return f"{head}  ERROR {row['error'][:160]}"
+  mem = row.get("temp_bytes")
+  mem = f"{mem / 2**20:10.1f} MiB" if mem is not None else ""
+  return f"{head}  {row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s {mem}"
+
+
+# -- reporting -----------------------------------------------------------------
+
+def _index(rows):
+  return {(r["peer"], r["mode"], r["causal"], r["d"], r["s"]): r for r in rows}
+
+
+def _tflops_text(row) -> str:
+  if row is None:
+    return "-"
+  if "error" in row:
+    return "OOM" if "RESOURCE_EXHAUSTED" in row["error"] else "err"
+  tflops = row["tflops"]
+  return f"{tflops:.0f}" if tflops >= 100 else f"{tflops:.3g}"
+
+
+def _ratio(a, b):
+  if a is None or b is None or "tflops" not in a or "tflops" not in b:
+    return None
+  return a["tflops"] / b["tflops"]
+
+
+def _mib(row) -> str:
+  if row is None or "temp_bytes" not in row:
+    return "-"
+  return f"{row['temp_bytes'] / 2**20:.0f}"
+
+
+def markdown_table(rows, peers) -> str:
+  idx = _index(rows)
+  cells = sorted({(r["mode"], r["causal"], r["d"], r["s"]) for r in rows},
+                 key=lambda c: (MODES.index(c[0]), c[1], c[2], c[3]))
+  others = [p for p in peers if p != "jax_flash"]
+  header = (["mode", "causal", "d", "seq", "jax_flash"] + others +
+            ["jf/cudnn", "jf/xla", "MiB jf", "MiB xla"])
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  for mode, causal, d, s in cells:
+    get = lambda p: idx.get((p, mode, causal, d, s))
+    jf = get("jax_flash")
+    ratios = [_ratio(jf, get(p)) for p in ("cudnn", "xla")]
+    line = ([mode, "y" if causal else "n", str(d), str(s), _tflops_text(jf)] +
+            [_tflops_text(get(p)) for p in others] +
+            ["-" if r is None else f"{r:.2f}" for r in ratios] +
+            [_mib(jf), _mib(get("xla"))])
+    lines.append("| " + " | ".join(line) + " |")
+  return "\n".join(lines)
+
+
+def summary_lines(rows):
+  idx = _index(rows)
+  get = lambda p, mode, causal, d, s: idx.get((p, mode, causal, d, s))
+  out = []
+
+  for mode in MODES + (None,):
+    ratios = []
+    for (peer, m, causal, d, s), row in idx.items():
+      if (peer != "jax_flash" or (mode and m != mode) or d not in (64, 128)
+          or not 2048 <= s <= 16384):
+        continue
+      r = _ratio(row, get("cudnn", m, causal, d, s))
+      if r is not None:
+        ratios.append((r, f"{m} {'causal' if causal else 'full'} d{d} s{s}"))
+    if ratios:
+      worst = min(ratios)
+      out.append(f"jax_flash/cuDNN, d 64/128, seq 2k-16k, "
+                 f"{mode or 'all modes'}: min {worst[0]:.2f} ({worst[1]}), "
+                 f"mean {statistics.mean(r for r, _ in ratios):.2f} "
+                 f"over {len(ratios)} cells")
+
+  parts = []
+  for d in (64, 128):
+    for causal in (False, True):
+      r = _ratio(get("jax_flash", "fwdbwd", causal, d, 4096),
+                 get("xla", "fwdbwd", causal, d, 4096))
+      if r is not None:
+        parts.append(f"d{d} {'causal' if causal else 'full'} {r:.2f}x")
+  if parts:
+    out.append("seq 4k fwdbwd speedup vs XLA: " + ", ".join(parts))
+
+  parts = []
+  for d in (64, 128, 256):
+    for causal in (False, True):
+      jf = get("jax_flash", "fwdbwd", causal, d, 16384)
+      xla = get("xla", "fwdbwd", causal, d, 16384)
+      if jf and xla and jf.get("temp_bytes") and "temp_bytes" in xla:
+        parts.append(f"d{d} {'causal' if causal else 'full'} "
+                     f"{xla['temp_bytes'] / jf['temp_bytes']:.0f}x")
+  if parts:
+    out.append("seq 16k fwdbwd temp memory XLA/jax_flash: " + ", ".join(parts))
+  return out
+
+
+def _default_name() -> str:
+  kind = jax.devices()[0].device_kind
+  slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "device"
+  return f"{slug}-{datetime.date.today().isoformat()}"
+
+
+# -- command line --------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def _names(allowed):
+  def parse(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in allowed]
+    if bad:
+      raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {allowed}")
+    return names
+  return parse
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__.split("\n\n", 1)[1])
+  p.add_argument("--seqs", type=_ints, default=None,
+                 help="comma-separated sequence lengths "
+                      "(default 512,...,16384; with --quick 1024,4096,16384)")
+  p.add_argument("--head-dims", type=_ints, default=[64, 128, 256],
+                 help="comma-separated head dims (default 64,128,256)")
+  p.add_argument("--modes", type=_names(MODES), default=list(MODES),
+                 help="comma-separated: fwd,fwdbwd (default both)")
+  p.add_argument("--peers", type=_names(ALL_PEERS), default=list(PEERS),
+                 help=f"comma-separated from {','.join(ALL_PEERS)} "
+                      f"(default {','.join(PEERS)})")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+  p.add_argument("--tokens", type=int, default=16384,
+                 help="tokens per batch: batch = tokens // seq (default 16384)")
+  p.add_argument("--hidden", type=int, default=2048,
+                 help="heads = hidden // head_dim (default 2048)")
+  p.add_argument("--out-dir", type=pathlib.Path,
+                 default=pathlib.Path("benchmarks/results"))
+  p.add_argument("--name", default=None,
+                 help="output file stem (default <gpu>-<date>)")
+  p.add_argument("--quick", action="store_true",
+                 help="fewer timing repeats, and seq 1k/4k/16k unless --seqs")
+  p.add_argument("--time-limit-s", type=float, default=0,
+                 help="start no new cell after this many seconds (0: no limit)")
+  p.add_argument("--allow-cpu", action="store_true",
+                 help="run without a GPU (smoke test of this script)")
+  args = p.parse_args(argv)
+  if args.seqs is None:
+    args.seqs = ([1024, 4096, 16384] if args.quick else
+                 [512, 1024, 2048, 4096, 8192, 16384])
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  device = jax.devices()[0]
+  if device.platform != "gpu" and not args.allow_cpu:
+    sys.exit(f"no GPU visible to JAX (found {device}); pass --allow-cpu to "
+             "run this benchmark anyway")
+  timing = Timing(repeats=2, min_repeat_s=0.01) if args.quick else Timing()
+  cells = list(sweep_cells(args.seqs, args.head_dims, args.modes, args.tokens,
+                           args.hidden))
+  name = args.name or _default_name()
+  args.out_dir.mkdir(parents=True, exist_ok=True)
+  jsonl_path = args.out_dir / f"{name}.jsonl"
+  md_path = args.out_dir / f"{name}.md"
+  command = " ".join(["python", *sys.argv]) if argv is None else str(argv)
+  print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; "
+        f"{len(cells)} cells x {len(args.peers)} peers", flush=True)
+
+  t0 = time.perf_counter()
+  with open(jsonl_path, "w") as log_file:
+    rows, not_run = run_sweep(args, cells, timing, log_file)
+  elapsed = time.perf_counter() - t0
+
+  table = markdown_table(rows, args.peers)
+  summary = summary_lines(rows)
+  errors = sorted({f"{r['peer']}: {r['error']}" for r in rows if "error" in r})
+  md = [f"# Attention benchmark: {device.device_kind}, "
+        f"{datetime.date.today().isoformat()}",
+        "",
+        f"Command: `{command}`  ",
+        f"jax {jax.__version__}, {args.dtype}, batch = {args.tokens} // seq, "
+        f"heads = {args.hidden} // head_dim; TFLOP/s (fwd 4·b·h·s²·d, "
+        f"halved causal; fwdbwd 3.5x); jf/peer = jax_flash TFLOP/s over the "
+        f"peer's; MiB = compiled temp memory. Sweep took {elapsed:.0f} s"
+        + (f"; stopped at the time limit with {not_run} of {len(cells)} "
+           "cells not run." if not_run else "."),
+        "",
+        table]
+  if summary:
+    md += ["", *[f"- {line}" for line in summary]]
+  if errors:
+    shown = 15
+    md += ["", "Errors (first line of each distinct one):", ""]
+    md += [f"- `{e}`" for e in errors[:shown]]
+    if len(errors) > shown:
+      md.append(f"- ... {len(errors) - shown} more in {jsonl_path.name}")
+  md_path.write_text("\n".join(md) + "\n")
+
+  print(f"\nwrote {jsonl_path} and {md_path} ({elapsed:.0f} s)\n")
+  for line in summary:
+    print(line)
+  print()
+  print(table, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,269 @@
+"""The CUDA kernels against the reference: the specification on a GPU.
+
+Every comparison follows the design brief's rule: the kernel may be at most 2x
+(out, lse) or 3x (dq, dk, dv) as far from an fp32 reference as a plain
+same-dtype attention is. The whole module skips when no CUDA device is visible
+or the kernel library is not loaded.
+"""
+
+import functools
+import unittest
+import zlib
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flash
+from jax_flash import _cuda
+import util
+
+
+def _cuda_skip_reason() -> str:
+  try:
+    jax.devices("cuda")
+  except RuntimeError as e:
+    return f"no CUDA device: {e}"
+  if not _cuda.available():
+    return f"jax_flash CUDA kernels unavailable: {_cuda.unavailable_reason()}"
+  return ""
+
+
+_SKIP_REASON = _cuda_skip_reason()
+_needs_cuda = unittest.skipIf(bool(_SKIP_REASON), _SKIP_REASON)
+
+_DTYPES = {"f16": jnp.float16, "bf16": jnp.bfloat16}
+cuda_attention = functools.partial(jax_flash.flash_attention,
+                                   implementation="cuda")
+
+
+def _inputs(name, **shape):
+  """Fresh normal q, k, v, dout and dlse, distinct and reproducible per name."""
+  return util.random_inputs(zlib.crc32(name.encode()), **shape)
+
+
+def _flash(causal, implementation="cuda"):
+  """(q, k, v) -> (out, lse)."""
+  return functools.partial(jax_flash.flash_attention, causal=causal,
+                           return_lse=True, implementation=implementation)
+
+
+def _value_and_grads(fn, q, k, v, dout, dlse):
+  """(out, lse, dq, dk, dv) with cotangents on both out and lse."""
+  (out, lse), pullback = jax.vjp(fn, q, k, v)
+  return (out, lse, *pullback((dout, dlse)))
+
+
+def _assert_finite(testcase, name, x):
+  x = np.asarray(x, dtype=np.float32)
+  bad = int(np.size(x) - np.isfinite(x).sum())
+  testcase.assertEqual(bad, 0, f"{name}: {bad} non-finite values")
+
+
+def _assert_same_up_to_rounding(testcase, name, got, want):
+  """Two evaluations of one computation that may round differently."""
+  got = np.asarray(got, np.float32)
+  want = np.asarray(want, np.float32)
+  testcase.assertEqual(got.shape, want.shape, name)
+  _assert_finite(testcase, name, got)
+  eps = 2.0 ** -7  # bf16, the coarser of the two dtypes
+  err = float(np.max(np.abs(got - want), initial=0.0))
+  bound = 4 * eps * float(np.max(np.abs(want), initial=0.0)) + 1e-5
+  testcase.assertLessEqual(err, bound, f"{name}: max abs diff {err} > {bound}")
+
+
+# -- the case matrix ---------------------------------------------------------
+
+# (seq_q, seq_k): odd lengths, seq_q != seq_k both ways, a long one.
+_LENGTHS = (
+    (1, 1), (3, 3), (113, 113), (203, 203), (1023, 1023), (1025, 1025),
+    (4096, 4096), (113, 203), (203, 113), (1, 1025), (1025, 1),
+)
+_HEAD_DIMS = (32, 59, 64, 96, 128, 160, 256)
+# (heads, kv_heads): MHA, MQA, GQA.
+_HEAD_LAYOUTS = ((4, 4), (8, 1), (8, 2))
+
+
+def _matrix_cases():
+  """Lengths x head dims; heads, causal and dtype rotate so that every head dim
+  meets both dtypes with and without the causal mask, and every length meets
+  both dtypes, both masks and all head layouts."""
+  cases = []
+  for i, (seq_q, seq_k) in enumerate(_LENGTHS):
+    for j, head_dim in enumerate(_HEAD_DIMS):
+      heads, kv_heads = _HEAD_LAYOUTS[(i + j) % len(_HEAD_LAYOUTS)]
+      causal = (i + j) % 2 == 0
+      dtype = ("f16", "bf16")[(i // 2 + j) % 2]
+      batch = 1 if seq_q * seq_k > 2**20 else 2
+      name = (f"_q{seq_q}_k{seq_k}_d{head_dim}_h{heads}kv{kv_heads}_"
+              f"{'causal' if causal else 'full'}_{dtype}")
+      cases.append(dict(testcase_name=name, batch=batch, seq_q=seq_q,
+                        seq_k=seq_k, heads=heads, kv_heads=kv_heads,
+                        head_dim=head_dim, causal=causal, dtype=dtype))
+  return cases
+
+
+@_needs_cuda
+class CudaMatchesReferenceTest(parameterized.TestCase):
+
+  def _check_against_reference(self, *, batch, seq_q, seq_k, heads, kv_heads,
+                               head_dim, causal, dtype, softmax_scale=None):
+    q, k, v, dout, dlse = _inputs(
+        self.id(), batch=batch, seq_q=seq_q, seq_k=seq_k, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, dtype=_DTYPES[dtype])
+    out, lse, dq, dk, dv = util.assert_matches_reference(
+        cuda_attention, q, k, v, dout, dlse, causal=causal,
+        softmax_scale=softmax_scale)
+
+    self.assertEqual(out.shape, q.shape)
+    self.assertEqual(lse.shape, (batch, heads, seq_q))
+    for name, g, x in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+      self.assertEqual(g.shape, x.shape, name)
+    # Bottom-right aligned: query i sees keys j <= i + seq_k - seq_q, so with
+    # seq_q > seq_k the first seq_q - seq_k rows see none.
+    empty = max(0, seq_q - seq_k) if causal else 0
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv),
+                    ("lse of rows with keys", lse[..., empty:])):
+      _assert_finite(self, name, x)
+    if empty:
+      np.testing.assert_array_equal(np.asarray(out[:, :empty], np.float32), 0)
+      np.testing.assert_array_equal(np.asarray(lse[..., :empty]), -np.inf)
+      np.testing.assert_array_equal(np.asarray(dq[:, :empty], np.float32), 0)
+
+  @parameterized.named_parameters(*_matrix_cases())
+  def test_forward_lse_and_grads_match_reference(self, **case):
+    self._check_against_reference(**case)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_q203_k113_f16", seq_q=203, seq_k=113, dtype="f16"),
+      dict(testcase_name="_q1025_k1_bf16", seq_q=1025, seq_k=1, dtype="bf16"),
+      dict(testcase_name="_q130_k3_bf16", seq_q=130, seq_k=3, dtype="bf16"),
+      dict(testcase_name="_q4096_k1023_f16", seq_q=4096, seq_k=1023,
+           dtype="f16"),
+  )
+  def test_causal_rows_without_keys_are_zero(self, seq_q, seq_k, dtype):
+    # out 0, lse -inf and finite grads, with a nonzero lse cotangent on those
+    # rows; the checks live in _check_against_reference.
+    self._check_against_reference(batch=2, seq_q=seq_q, seq_k=seq_k, heads=8,
+                                  kv_heads=2, head_dim=64, causal=True,
+                                  dtype=dtype)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_d64_full", head_dim=64, causal=False, scale=0.3),
+      dict(testcase_name="_d59_causal", head_dim=59, causal=True, scale=1.7),
+  )
+  def test_softmax_scale(self, head_dim, causal, scale):
+    self._check_against_reference(batch=2, seq_q=257, seq_k=300, heads=4,
+                                  kv_heads=4, head_dim=head_dim, causal=causal,
+                                  dtype="bf16", softmax_scale=scale)
+
+
+@_needs_cuda
+class CudaBehaviourTest(parameterized.TestCase):
+
+  def _inputs(self, *, batch=2, seq_q=333, seq_k=333, heads=8, kv_heads=2,
+              head_dim=64, dtype=jnp.bfloat16, draw=0):
+    return _inputs(f"{self.id()}/{draw}", batch=batch, seq_q=seq_q,
+                   seq_k=seq_k, num_heads=heads, num_kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=dtype)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_d64_causal", head_dim=64, causal=True,
+           seq_q=1025, seq_k=1025),
+      dict(testcase_name="_d96_full_gqa", head_dim=96, causal=False,
+           seq_q=203, seq_k=2049),
+      dict(testcase_name="_d256_causal_q_gt_k", head_dim=256, causal=True,
+           seq_q=777, seq_k=300),
+  )
+  def test_forward_is_bitwise_repeatable(self, head_dim, causal, seq_q, seq_k):
+    q, k, v, _, _ = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
+    fwd = jax.jit(_flash(causal))
+    first_out, first_lse = jax.device_get(fwd(q, k, v))
+    for _ in range(4):
+      out, lse = jax.device_get(fwd(q, k, v))
+      np.testing.assert_array_equal(out.view(np.uint16),
+                                    first_out.view(np.uint16))
+      np.testing.assert_array_equal(lse.view(np.uint32),
+                                    first_lse.view(np.uint32))
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_causal", causal=True),
+      dict(testcase_name="_full", causal=False),
+  )
+  def test_jit_matches_eager(self, causal):
+    q, k, v, dout, dlse = self._inputs()
+    eager = _flash(causal)(q, k, v)
+    jitted = jax.jit(_flash(causal))(q, k, v)
+    for name, a, b in zip(("out", "lse"), jitted, eager):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32), name)
+    grads = jax.jit(lambda *a: _value_and_grads(_flash(causal), *a)[2:])(
+        q, k, v, dout, dlse)
+    eager_grads = _value_and_grads(_flash(causal), q, k, v, dout, dlse)[2:]
+    for name, a, b in zip(("dq", "dk", "dv"), grads, eager_grads):
+      _assert_same_up_to_rounding(self, name, a, b)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_causal_gqa", causal=True, kv_heads=2,
+           in_axes=(0, 0, 0)),
+      dict(testcase_name="_full_mha", causal=False, kv_heads=8,
+           in_axes=(0, 0, 0)),
+      dict(testcase_name="_shared_kv", causal=True, kv_heads=1,
+           in_axes=(0, None, None)),
+  )
+  def test_vmap_matches_per_example_loop(self, causal, kv_heads, in_axes):
+    examples = 3
+    stacked = [self._inputs(seq_q=203, seq_k=300, kv_heads=kv_heads, draw=i)
+               for i in range(examples)]
+    q, k, v, dout, dlse = (jnp.stack(xs) for xs in zip(*stacked))
+    if in_axes[1] is None:
+      k, v = k[0], v[0]
+
+    def step(q, k, v, dout, dlse):
+      return _value_and_grads(_flash(causal), q, k, v, dout, dlse)
+
+    axes = (*in_axes, 0, 0)
+    batched = jax.jit(jax.vmap(step, in_axes=axes))(q, k, v, dout, dlse)
+    looped = [jax.jit(step)(*(x if a is None else x[i]
+                              for x, a in zip((q, k, v, dout, dlse), axes)))
+              for i in range(examples)]
+    # With shared k and v too, each example's dk and dv come out separately.
+    for idx, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+      want = np.stack([np.asarray(r[idx], np.float32) for r in looped])
+      _assert_same_up_to_rounding(self, name, batched[idx], want)
+
+  @parameterized.named_parameters(
+      dict(testcase_name="_causal", causal=True),
+      dict(testcase_name="_full", causal=False),
+  )
+  def test_checkpoint_gives_the_same_grads(self, causal):
+    q, k, v, dout, dlse = self._inputs(seq_q=515, seq_k=515)
+
+    def loss(q, k, v):
+      out, lse = _flash(causal)(q, k, v)
+      return (jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32))
+              + jnp.sum(lse * dlse))
+
+    plain = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), remat, plain):
+      _assert_same_up_to_rounding(self, name, a, b)
+
+  def test_default_implementation_is_the_cuda_kernels(self):
+    q, k, v, _, _ = self._inputs()
+    default = jax.jit(_flash(True, implementation=None))(q, k, v)
+    cuda = jax.jit(_flash(True, implementation="cuda"))(q, k, v)
+    for name, a, b in zip(("out", "lse"), default, cuda):
+      np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                    np.asarray(b, np.float32), name)
+
+  def test_cuda_rejects_float32_inputs(self):
+    q, k, v, _, _ = self._inputs(dtype=jnp.float32)
+    with self.assertRaises((ValueError, TypeError)):
+      jax_flash.flash_attention(q, k, v, implementation="cuda")
+
+
+if __name__ == "__main__":
+  absltest.main()
