@@ -227,13 +227,13 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
     for (int mt = 0; mt < K::AccQ::kMT; ++mt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = q_m0 + K::AccQ::row(mt, i, lane);
+      for (int h = 0; h < 2; ++h) {
+        const int row = q_m0 + K::AccQ::row(mt, 2 * h, lane);
         if (m0 + row >= sh.seq_q) continue;
 #pragma unroll
         for (int nt = 0; nt < K::AccQ::kNT; ++nt)
-          atomicAdd(dq_accum + row * q_row_stride + q_n0 + K::AccQ::col(nt, i, lane),
-                    dq.x[mt][nt][i]);
+          atomic_add_f32x2(dq_accum + row * q_row_stride + q_n0 + K::AccQ::col(nt, 0, lane),
+                           dq.x[mt][nt][2 * h], dq.x[mt][nt][2 * h + 1]);
       }
 
     if (K::kStages == 1 && step + 1 < steps) {
