@@ -30,36 +30,42 @@ struct Accum {
 };
 
 // acc[m0.., n0..] += A[m0.., k] * B[k, n0..] over kK columns of k, both from smem.
-// Software-pipelined: the fragments of the next step are requested before the
-// mma instructions of this one issue, so ldmatrix latency hides behind them.
+// Software-pipelined: B fragments are requested kDepth steps (of 16 n-columns)
+// before their mma instructions issue, A fragments one k-step ahead, so
+// ldmatrix latency hides behind the tensor-core work in between.
 template <typename T, bool kATrans, bool kBTrans, int kK, typename Acc, typename TileA,
           typename TileB>
 __device__ __forceinline__ void gemm_ss(Acc& acc, const TileA& a_tile, int m0, const TileB& b_tile,
                                         int n0, int lane) {
   static_assert(Acc::kNT % 2 == 0, "B fragments are loaded two n-tiles at a time");
-  constexpr int kKS = kK / 16, kNP = Acc::kNT / 2;
+  constexpr int kKS = kK / 16, kNP = Acc::kNT / 2, kSteps = kKS * kNP;
+  constexpr int kDepth = kSteps < 2 ? kSteps : 2;
   uint32_t a[2][Acc::kMT][4];
-  uint32_t b[2][4];
+  uint32_t b[kDepth + 1][4];
+  auto load_b = [&](int step) {
+    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], b_tile, n0 + (step % kNP) * 16,
+                          (step / kNP) * 16, lane);
+  };
 #pragma unroll
   for (int mt = 0; mt < Acc::kMT; ++mt) load_frag_a<kATrans>(a[0][mt], a_tile, m0 + mt * 16, 0, lane);
-  load_frag_b2<kBTrans>(b[0], b_tile, n0, 0, lane);
+#pragma unroll
+  for (int step = 0; step < kDepth; ++step) load_b(step);
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)
 #pragma unroll
     for (int np = 0; np < kNP; ++np) {
       const int step = ks * kNP + np;
-      if (np + 1 < kNP) {
-        load_frag_b2<kBTrans>(b[(step + 1) & 1], b_tile, n0 + (np + 1) * 16, ks * 16, lane);
-      } else if (ks + 1 < kKS) {
+      if (step + kDepth < kSteps) load_b(step + kDepth);
+      if (np == kNP - 1 && ks + 1 < kKS) {
 #pragma unroll
         for (int mt = 0; mt < Acc::kMT; ++mt)
           load_frag_a<kATrans>(a[(ks + 1) & 1][mt], a_tile, m0 + mt * 16, (ks + 1) * 16, lane);
-        load_frag_b2<kBTrans>(b[(step + 1) & 1], b_tile, n0, (ks + 1) * 16, lane);
       }
+      const uint32_t* bf = b[step % (kDepth + 1)];
 #pragma unroll
       for (int mt = 0; mt < Acc::kMT; ++mt) {
-        mma_16816<T>(acc.x[mt][2 * np], a[ks & 1][mt], b[step & 1][0], b[step & 1][1]);
-        mma_16816<T>(acc.x[mt][2 * np + 1], a[ks & 1][mt], b[step & 1][2], b[step & 1][3]);
+        mma_16816<T>(acc.x[mt][2 * np], a[ks & 1][mt], bf[0], bf[1]);
+        mma_16816<T>(acc.x[mt][2 * np + 1], a[ks & 1][mt], bf[2], bf[3]);
       }
     }
 }
@@ -81,27 +87,31 @@ __device__ __forceinline__ void accum_to_a_frags(uint32_t (&a)[Acc::kMT][Acc::kN
 }
 
 // acc += A * B with A already in registers (kMT x kKS k16 steps) and B from smem,
-// each B fragment requested one step ahead of its use.
+// each B fragment requested kDepth steps ahead of its use.
 template <typename T, bool kBTrans, int kMT, int kKS, typename Acc, typename TileB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, const uint32_t (&a)[kMT][kKS][4],
                                         const TileB& b_tile, int n0, int lane) {
   static_assert(Acc::kMT == kMT && Acc::kNT % 2 == 0, "fragment shapes must agree");
-  constexpr int kNP = Acc::kNT / 2;
-  uint32_t b[2][4];
-  load_frag_b2<kBTrans>(b[0], b_tile, n0, 0, lane);
+  constexpr int kNP = Acc::kNT / 2, kSteps = kKS * kNP;
+  constexpr int kDepth = kSteps < 2 ? kSteps : 2;
+  uint32_t b[kDepth + 1][4];
+  auto load_b = [&](int step) {
+    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], b_tile, n0 + (step % kNP) * 16,
+                          (step / kNP) * 16, lane);
+  };
+#pragma unroll
+  for (int step = 0; step < kDepth; ++step) load_b(step);
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)
 #pragma unroll
     for (int np = 0; np < kNP; ++np) {
       const int step = ks * kNP + np;
-      if (np + 1 < kNP)
-        load_frag_b2<kBTrans>(b[(step + 1) & 1], b_tile, n0 + (np + 1) * 16, ks * 16, lane);
-      else if (ks + 1 < kKS)
-        load_frag_b2<kBTrans>(b[(step + 1) & 1], b_tile, n0, (ks + 1) * 16, lane);
+      if (step + kDepth < kSteps) load_b(step + kDepth);
+      const uint32_t* bf = b[step % (kDepth + 1)];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
-        mma_16816<T>(acc.x[mt][2 * np], a[mt][ks], b[step & 1][0], b[step & 1][1]);
-        mma_16816<T>(acc.x[mt][2 * np + 1], a[mt][ks], b[step & 1][2], b[step & 1][3]);
+        mma_16816<T>(acc.x[mt][2 * np], a[mt][ks], bf[0], bf[1]);
+        mma_16816<T>(acc.x[mt][2 * np + 1], a[mt][ks], bf[2], bf[3]);
       }
     }
 }
