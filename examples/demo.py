@@ -84,7 +84,7 @@ def compile_step(attn, args):
   try:
     compiled = jax.jit(train_step(attn)).lower(*args).compile()
   except Exception as e:  # noqa: BLE001 - reported in the table
-    return None, type(e).__name__
+    return None, _error_label(e)
   stats = compiled.memory_analysis()
   return compiled, (stats.temp_size_in_bytes if stats is not None else None)
 
@@ -103,8 +103,11 @@ def time_or_error(compiled, args):
   try:
     return median_seconds(compiled, args), ""
   except Exception as e:  # noqa: BLE001 - reported in the table
-    text = str(e)
-    return None, "OOM" if "RESOURCE_EXHAUSTED" in text else type(e).__name__
+    return None, _error_label(e)
+
+
+def _error_label(e: Exception) -> str:
+  return "OOM" if "RESOURCE_EXHAUSTED" in str(e) else type(e).__name__
 
 
 def fmt_ms(seconds, note):
