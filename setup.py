@@ -60,7 +60,7 @@ def kernel_units():
 
 def find_nvcc():
   if os.environ.get("NVCC"):
-    return os.environ["NVCC"]
+    return shutil.which(os.environ["NVCC"])
   cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
   if cuda_home and (pathlib.Path(cuda_home) / "bin" / "nvcc").exists():
     return str(pathlib.Path(cuda_home) / "bin" / "nvcc")

@@ -1,8 +1,11 @@
 """FlashAttention for JAX: exact attention in linear memory."""
 
+from jax_flash import _cuda
 from jax_flash.attention import flash_attention
 from jax_flash.reference import attention_reference
 
 __version__ = "0.1.0"
+
+_cuda.check_library()
 
 __all__ = ["attention_reference", "flash_attention", "__version__"]

@@ -62,6 +62,21 @@ def _load() -> tuple[bool, str]:
   return True, ""
 
 
+def check_library() -> None:
+  """Raises ImportError if a built kernel library cannot be loaded or registered.
+
+  A library that was never built (no nvcc at install time) is not an error:
+  the portable path serves. One that exists but does not fit this jaxlib would
+  otherwise silently cost the kernels.
+  """
+  ok, reason = _load()
+  if not ok and _library_path().exists():
+    raise ImportError(
+        f"jax_flash: {reason.rstrip('.')}. To use the portable path only, reinstall with "
+        "JAX_FLASH_SKIP_CUDA=1 or set JAX_FLASH_CUDA_LIB to a path that does "
+        "not exist.")
+
+
 def _has_cuda_device() -> bool:
   try:
     return bool(jax.devices("cuda"))

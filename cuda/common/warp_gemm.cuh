@@ -29,44 +29,66 @@ struct Accum {
   }
 };
 
-// acc[m0.., n0..] += A[m0.., k] * B[k, n0..] over kK columns of k, both from smem.
-// Software-pipelined: B fragments are requested kDepth steps (of 16 n-columns)
-// before their mma instructions issue, A fragments one k-step ahead, so
-// ldmatrix latency hides behind the tensor-core work in between.
+// B fragments of a (16 * kKS) x (16 * kNP) operand in smem, consumed in steps of
+// 16 n-columns (n fastest) and requested kDepth steps ahead of their use, so
+// ldmatrix latency hides behind the mma instructions in between.
+template <bool kBTrans, int kKS, int kNP, typename TileB>
+struct BFragmentStream {
+  static constexpr int kSteps = kKS * kNP;
+  static constexpr int kDepth = kSteps < 2 ? kSteps : 2;
+  const TileB& tile;
+  int n0;
+  int lane;
+  uint32_t b[kDepth + 1][4];
+
+  __device__ __forceinline__ void load(int step) {
+    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], tile, n0 + (step % kNP) * 16, (step / kNP) * 16,
+                          lane);
+  }
+  __device__ __forceinline__ void start() {
+#pragma unroll
+    for (int step = 0; step < kDepth; ++step) load(step);
+  }
+  // The fragment of `step`, after requesting the one kDepth steps later.
+  __device__ __forceinline__ const uint32_t* next(int step) {
+    if (step + kDepth < kSteps) load(step + kDepth);
+    return b[step % (kDepth + 1)];
+  }
+};
+
+// acc[mt][2np, 2np+1] += a x (two n8 tiles of b).
+template <typename T, typename Acc>
+__device__ __forceinline__ void mma_n16(Acc& acc, int mt, int np, const uint32_t (&a)[4],
+                                        const uint32_t* b) {
+  mma_16816<T>(acc.x[mt][2 * np], a, b[0], b[1]);
+  mma_16816<T>(acc.x[mt][2 * np + 1], a, b[2], b[3]);
+}
+
+// acc[m0.., n0..] += A[m0.., k] * B[k, n0..] over kK columns of k, both from smem;
+// A fragments are requested one k-step ahead.
 template <typename T, bool kATrans, bool kBTrans, int kK, typename Acc, typename TileA,
           typename TileB>
 __device__ __forceinline__ void gemm_ss(Acc& acc, const TileA& a_tile, int m0, const TileB& b_tile,
                                         int n0, int lane) {
   static_assert(Acc::kNT % 2 == 0, "B fragments are loaded two n-tiles at a time");
-  constexpr int kKS = kK / 16, kNP = Acc::kNT / 2, kSteps = kKS * kNP;
-  constexpr int kDepth = kSteps < 2 ? kSteps : 2;
+  constexpr int kKS = kK / 16, kNP = Acc::kNT / 2;
+  BFragmentStream<kBTrans, kKS, kNP, TileB> b{b_tile, n0, lane};
   uint32_t a[2][Acc::kMT][4];
-  uint32_t b[kDepth + 1][4];
-  auto load_b = [&](int step) {
-    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], b_tile, n0 + (step % kNP) * 16,
-                          (step / kNP) * 16, lane);
-  };
 #pragma unroll
   for (int mt = 0; mt < Acc::kMT; ++mt) load_frag_a<kATrans>(a[0][mt], a_tile, m0 + mt * 16, 0, lane);
-#pragma unroll
-  for (int step = 0; step < kDepth; ++step) load_b(step);
+  b.start();
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)
 #pragma unroll
     for (int np = 0; np < kNP; ++np) {
-      const int step = ks * kNP + np;
-      if (step + kDepth < kSteps) load_b(step + kDepth);
+      const uint32_t* bf = b.next(ks * kNP + np);
       if (np == kNP - 1 && ks + 1 < kKS) {
 #pragma unroll
         for (int mt = 0; mt < Acc::kMT; ++mt)
           load_frag_a<kATrans>(a[(ks + 1) & 1][mt], a_tile, m0 + mt * 16, (ks + 1) * 16, lane);
       }
-      const uint32_t* bf = b[step % (kDepth + 1)];
 #pragma unroll
-      for (int mt = 0; mt < Acc::kMT; ++mt) {
-        mma_16816<T>(acc.x[mt][2 * np], a[ks & 1][mt], bf[0], bf[1]);
-        mma_16816<T>(acc.x[mt][2 * np + 1], a[ks & 1][mt], bf[2], bf[3]);
-      }
+      for (int mt = 0; mt < Acc::kMT; ++mt) mma_n16<T>(acc, mt, np, a[ks & 1][mt], bf);
     }
 }
 
@@ -86,33 +108,21 @@ __device__ __forceinline__ void accum_to_a_frags(uint32_t (&a)[Acc::kMT][Acc::kN
     }
 }
 
-// acc += A * B with A already in registers (kMT x kKS k16 steps) and B from smem,
-// each B fragment requested kDepth steps ahead of its use.
+// acc += A * B with A already in registers (kMT x kKS k16 steps) and B from smem.
 template <typename T, bool kBTrans, int kMT, int kKS, typename Acc, typename TileB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, const uint32_t (&a)[kMT][kKS][4],
                                         const TileB& b_tile, int n0, int lane) {
   static_assert(Acc::kMT == kMT && Acc::kNT % 2 == 0, "fragment shapes must agree");
-  constexpr int kNP = Acc::kNT / 2, kSteps = kKS * kNP;
-  constexpr int kDepth = kSteps < 2 ? kSteps : 2;
-  uint32_t b[kDepth + 1][4];
-  auto load_b = [&](int step) {
-    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], b_tile, n0 + (step % kNP) * 16,
-                          (step / kNP) * 16, lane);
-  };
-#pragma unroll
-  for (int step = 0; step < kDepth; ++step) load_b(step);
+  constexpr int kNP = Acc::kNT / 2;
+  BFragmentStream<kBTrans, kKS, kNP, TileB> b{b_tile, n0, lane};
+  b.start();
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)
 #pragma unroll
     for (int np = 0; np < kNP; ++np) {
-      const int step = ks * kNP + np;
-      if (step + kDepth < kSteps) load_b(step + kDepth);
-      const uint32_t* bf = b[step % (kDepth + 1)];
+      const uint32_t* bf = b.next(ks * kNP + np);
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        mma_16816<T>(acc.x[mt][2 * np], a[mt][ks], bf[0], bf[1]);
-        mma_16816<T>(acc.x[mt][2 * np + 1], a[mt][ks], bf[2], bf[3]);
-      }
+      for (int mt = 0; mt < kMT; ++mt) mma_n16<T>(acc, mt, np, a[mt][ks], bf);
     }
 }
 
