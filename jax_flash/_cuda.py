@@ -77,7 +77,7 @@ def check_library() -> None:
         "not exist.")
 
 
-def _has_cuda_device() -> bool:
+def has_cuda_device() -> bool:
   try:
     return bool(jax.devices("cuda"))
   except RuntimeError:
@@ -86,7 +86,7 @@ def _has_cuda_device() -> bool:
 
 def available() -> bool:
   """True when the kernels are loaded and a CUDA device is present."""
-  return _has_cuda_device() and _load()[0]
+  return has_cuda_device() and _load()[0]
 
 
 def library_loaded() -> bool:
@@ -98,7 +98,7 @@ def unavailable_reason() -> str:
   ok, reason = _load()
   if not ok:
     return reason
-  if not _has_cuda_device():
+  if not has_cuda_device():
     return "no CUDA device is visible to JAX"
   return ""
 

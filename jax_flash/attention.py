@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +147,19 @@ def _choose_backend(implementation, dtype, head_dim: int, *,
     return "cuda"
   if _cuda.library_loaded() and not _cuda.unsupported_reason(dtype, head_dim):
     return "auto"
+  if not _cuda.library_loaded():
+    _warn_if_gpu_without_kernels()
   return "xla"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_if_gpu_without_kernels():
+  """Says once that a GPU runs the portable path because no kernels were built."""
+  if _cuda.has_cuda_device():
+    warnings.warn(
+        f"jax_flash: {_cuda.unavailable_reason()}. flash_attention runs the "
+        "portable path on this GPU; reinstall jax_flash where nvcc is on PATH "
+        "for the CUDA kernels.", RuntimeWarning, stacklevel=3)
 
 
 @functools.partial(jax.jit,

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import warnings
 from unittest import mock
 
 from absl.testing import absltest
@@ -12,6 +13,7 @@ import numpy as np
 
 import jax_flash
 from jax_flash import _cuda
+from jax_flash import attention
 from jax_flash import xla
 import util
 
@@ -170,6 +172,18 @@ class ApiTest(parameterized.TestCase):
       np.testing.assert_array_equal(
           np.asarray(jax_flash.flash_attention(q, k, v), np.float32),
           np.asarray(portable(q, k, v), np.float32))
+
+  def test_gpu_without_built_kernels_warns_once(self):
+    q, k, v, _, _ = inputs(8, BF16, seq_q=7, seq_k=9)
+    attention._warn_if_gpu_without_kernels.cache_clear()
+    self.addCleanup(attention._warn_if_gpu_without_kernels.cache_clear)
+    with mock.patch.object(_cuda, "library_loaded", return_value=False), \
+         mock.patch.object(_cuda, "has_cuda_device", return_value=True):
+      with self.assertWarnsRegex(RuntimeWarning, "portable path on this GPU"):
+        jax_flash.flash_attention(q, k, v)
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax_flash.flash_attention(q, k, v)
 
   def test_empty_batch_gives_empty_results(self):
     q, k, v, _, _ = inputs(9, batch=0)
