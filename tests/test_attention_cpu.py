@@ -2,6 +2,11 @@
 
 import functools
 import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import warnings
 from unittest import mock
 
@@ -378,6 +383,30 @@ class TransformationsTest(parameterized.TestCase):
                                     out_specs=spec))
     on_mesh = jax.device_put((q, k, v), jax.NamedSharding(mesh, spec))
     assert_trees_close(self, sharded(*on_mesh), attention(q, k, v))
+
+
+class KernelLibraryTest(absltest.TestCase):
+
+  def _import_with_library(self, path):
+    env = dict(os.environ, JAX_FLASH_CUDA_LIB=str(path))
+    return subprocess.run(
+        [sys.executable, "-c", "import jax_flash"], env=env,
+        capture_output=True, text=True, timeout=120,
+        cwd=pathlib.Path(__file__).resolve().parents[1])
+
+  def test_a_library_that_does_not_load_is_an_import_error(self):
+    with tempfile.TemporaryDirectory() as folder:
+      broken = pathlib.Path(folder) / "libbroken.so"
+      broken.write_bytes(b"not a shared object")
+      result = self._import_with_library(broken)
+    self.assertNotEqual(result.returncode, 0)
+    self.assertIn("ImportError: jax_flash: could not load the CUDA kernel "
+                  "library", result.stderr)
+    self.assertIn("JAX_FLASH_SKIP_CUDA=1", result.stderr)
+
+  def test_a_missing_library_leaves_the_portable_path(self):
+    result = self._import_with_library("/nonexistent/libjax_flash_cuda.so")
+    self.assertEqual(result.returncode, 0, result.stderr)
 
 
 class BackendChoiceTest(absltest.TestCase):
