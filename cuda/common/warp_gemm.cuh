@@ -36,14 +36,13 @@ template <bool kBTrans, int kKS, int kNP, typename TileB>
 struct BFragmentStream {
   static constexpr int kSteps = kKS * kNP;
   static constexpr int kDepth = kSteps < 2 ? kSteps : 2;
-  const TileB& tile;
-  int n0;
-  int lane;
+  Fragments<false, kBTrans, TileB> frags;
   uint32_t b[kDepth + 1][4];
 
+  __device__ __forceinline__ BFragmentStream(const TileB& tile, int n0, int lane)
+      : frags(tile, n0, lane) {}
   __device__ __forceinline__ void load(int step) {
-    load_frag_b2<kBTrans>(b[step % (kDepth + 1)], tile, n0 + (step % kNP) * 16, (step / kNP) * 16,
-                          lane);
+    frags.load(b[step % (kDepth + 1)], (step % kNP) * 16, (step / kNP) * 16);
   }
   __device__ __forceinline__ void start() {
 #pragma unroll
@@ -72,10 +71,11 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, const TileA& a_tile, int m0, c
                                         int n0, int lane) {
   static_assert(Acc::kNT % 2 == 0, "B fragments are loaded two n-tiles at a time");
   constexpr int kKS = kK / 16, kNP = Acc::kNT / 2;
-  BFragmentStream<kBTrans, kKS, kNP, TileB> b{b_tile, n0, lane};
+  BFragmentStream<kBTrans, kKS, kNP, TileB> b(b_tile, n0, lane);
+  const Fragments<true, kATrans, TileA> a_frags(a_tile, m0, lane);
   uint32_t a[2][Acc::kMT][4];
 #pragma unroll
-  for (int mt = 0; mt < Acc::kMT; ++mt) load_frag_a<kATrans>(a[0][mt], a_tile, m0 + mt * 16, 0, lane);
+  for (int mt = 0; mt < Acc::kMT; ++mt) a_frags.load(a[0][mt], mt * 16, 0);
   b.start();
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)
@@ -85,7 +85,7 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, const TileA& a_tile, int m0, c
       if (np == kNP - 1 && ks + 1 < kKS) {
 #pragma unroll
         for (int mt = 0; mt < Acc::kMT; ++mt)
-          load_frag_a<kATrans>(a[(ks + 1) & 1][mt], a_tile, m0 + mt * 16, (ks + 1) * 16, lane);
+          a_frags.load(a[(ks + 1) & 1][mt], mt * 16, (ks + 1) * 16);
       }
 #pragma unroll
       for (int mt = 0; mt < Acc::kMT; ++mt) mma_n16<T>(acc, mt, np, a[ks & 1][mt], bf);
@@ -114,7 +114,7 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, const uint32_t (&a)[kMT][kKS][
                                         const TileB& b_tile, int n0, int lane) {
   static_assert(Acc::kMT == kMT && Acc::kNT % 2 == 0, "fragment shapes must agree");
   constexpr int kNP = Acc::kNT / 2;
-  BFragmentStream<kBTrans, kKS, kNP, TileB> b{b_tile, n0, lane};
+  BFragmentStream<kBTrans, kKS, kNP, TileB> b(b_tile, n0, lane);
   b.start();
 #pragma unroll
   for (int ks = 0; ks < kKS; ++ks)

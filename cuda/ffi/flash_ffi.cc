@@ -88,6 +88,10 @@ ffi::Error check_qkv(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
   if (!fits_int(lq.batch) || !fits_int(lq.seq) || !fits_int(lk.seq) || lq.batch > 65535 ||
       lq.heads > 65535)
     return invalid("shape too large: query " + dims_str(q.dimensions()));
+  // A causal grid puts the tiles of a sequence (64 rows at least) on an axis of at most 65535.
+  constexpr int64_t kMaxSeq = int64_t(65535) * 64;
+  if (lq.seq > kMaxSeq || lk.seq > kMaxSeq)
+    return invalid("sequence lengths above " + std::to_string(kMaxSeq) + " are not supported");
   *dtype = t == ffi::DataType::BF16 ? DType::kBF16 : DType::kF16;
   *shape = AttentionShape{int(lq.batch), int(lq.seq), int(lk.seq),
                           int(lq.heads), int(lk.heads), int(lq.dim)};

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 
+#include "../common/block_order.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -125,7 +126,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/false);
+  const int n_block = bi.tile, kv_head = bi.head, batch = bi.batch;
   const int n0 = n_block * kBlockN;
   const int group = sh.heads / sh.kv_heads;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
@@ -275,8 +277,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch), K::kThreads,
-           K::kSmemBytes, stream>>>(p);
+  kernel<<<block_grid((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch, p.causal),
+           K::kThreads, K::kSmemBytes, stream>>>(p);
 
   const int64_t chunks = int64_t(sh.batch) * sh.seq_q * sh.heads * kD / 8;
   const int blocks = int(std::min<int64_t>((chunks + 255) / 256, 65536));

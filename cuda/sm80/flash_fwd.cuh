@@ -10,6 +10,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../common/block_order.cuh"
 #include "../common/mask.cuh"
 #include "../common/softmax.cuh"
 #include "../common/warp_gemm.cuh"
@@ -44,9 +45,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Causal blocks with the most work launch first.
-  const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int head = blockIdx.y, batch = blockIdx.z;
+  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/true);
+  const int m_block = bi.tile, head = bi.head, batch = bi.batch;
   const int kv_head = head / (sh.heads / sh.kv_heads);
   const int m0 = m_block * kBlockM;
   const int warp_m0 = warp * K::kWarpRows;
@@ -129,7 +129,8 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.shape.seq_q + K::kBlockM - 1) / K::kBlockM, p.shape.heads, p.shape.batch);
+  const dim3 grid = block_grid((p.shape.seq_q + K::kBlockM - 1) / K::kBlockM, p.shape.heads,
+                               p.shape.batch, p.causal);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
