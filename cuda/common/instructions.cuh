@@ -99,7 +99,8 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
 // that updates both with one request (a full 32-byte sector per quad of lanes).
 __device__ __forceinline__ void atomic_add_f32x2(float* p, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b)
+               : "memory");
 #else
   atomicAdd(p, a);
   atomicAdd(p + 1, b);

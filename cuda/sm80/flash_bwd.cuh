@@ -225,17 +225,18 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     typename K::AccQ dq;
     dq.zero();
     gemm_ss<T, true, true, kBlockN>(dq, sdS, q_m0, sK, q_n0, lane);
-    float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
+    float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD +
+                      q_n0 + K::AccQ::col(0, 0, lane);
 #pragma unroll
     for (int mt = 0; mt < K::AccQ::kMT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = q_m0 + K::AccQ::row(mt, 2 * h, lane);
         if (m0 + row >= sh.seq_q) continue;
+        float* dst = dq_accum + row * q_row_stride;
 #pragma unroll
         for (int nt = 0; nt < K::AccQ::kNT; ++nt)
-          atomic_add_f32x2(dq_accum + row * q_row_stride + q_n0 + K::AccQ::col(nt, 0, lane),
-                           dq.x[mt][nt][2 * h], dq.x[mt][nt][2 * h + 1]);
+          atomic_add_f32x2(dst + nt * 8, dq.x[mt][nt][2 * h], dq.x[mt][nt][2 * h + 1]);
       }
 
     if (K::kStages == 1 && step + 1 < steps) {
