@@ -103,7 +103,15 @@ def unavailable_reason() -> str:
   return ""
 
 
-def unsupported_reason(dtype, head_dim: int) -> str:
+# Grid limits of the kernels (cuda/ffi/flash_ffi.cc checks the same): batch and
+# heads sit on grid axes of at most 65535 blocks, and so do the 64-row tiles of a
+# sequence under a causal mask.
+MAX_BATCH = MAX_HEADS = 65535
+MAX_SEQ = 65535 * 64
+
+
+def unsupported_reason(dtype, head_dim: int, *, batch: int = 1, heads: int = 1,
+                       seq_q: int = 1, seq_k: int = 1) -> str:
   """Why the kernels cannot serve these inputs ('' when they can)."""
   if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
     return (f"the CUDA kernels take float16 or bfloat16 inputs, got "
@@ -111,6 +119,12 @@ def unsupported_reason(dtype, head_dim: int) -> str:
   if not 1 <= head_dim <= NATIVE_HEAD_DIMS[-1]:
     return (f"the CUDA kernels take head_dim 1..{NATIVE_HEAD_DIMS[-1]}, got "
             f"{head_dim}")
+  if max(seq_q, seq_k) > MAX_SEQ:
+    return (f"the CUDA kernels take sequence lengths up to {MAX_SEQ}, got "
+            f"seq_q={seq_q}, seq_k={seq_k}")
+  if batch > MAX_BATCH or heads > MAX_HEADS:
+    return (f"the CUDA kernels take batch and num_heads up to {MAX_BATCH}, got "
+            f"batch={batch}, num_heads={heads}")
   return ""
 
 

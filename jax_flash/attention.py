@@ -54,8 +54,10 @@ def flash_attention(query, key, value, *, causal: bool = False,
                       f"{flag!r} of type {type(flag).__name__}")
   head_dim = query.shape[-1]
   softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
-  backend = _choose_backend(implementation, query.dtype, head_dim,
-                            empty=query.shape[0] == 0)
+  backend = _choose_backend(
+      implementation, query.dtype, head_dim, empty=query.shape[0] == 0,
+      sizes=dict(batch=query.shape[0], heads=query.shape[2],
+                 seq_q=query.shape[1], seq_k=key.shape[1]))
   out, lse = _attention(query, key, value, softmax_scale, bool(causal), backend)
   return (out, lse) if return_lse else out
 
@@ -127,14 +129,14 @@ def _check_softmax_scale(softmax_scale, head_dim: int) -> float:
   return scale
 
 
-def _choose_backend(implementation, dtype, head_dim: int, *,
-                    empty: bool) -> str:
+def _choose_backend(implementation, dtype, head_dim: int, *, empty: bool,
+                    sizes: dict) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"flash_attention: implementation must be one of "
                      f"{IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "cuda":
     reason = _cuda.unavailable_reason() or _cuda.unsupported_reason(
-        dtype, head_dim)
+        dtype, head_dim, **sizes)
     if reason:
       raise ValueError(
           f"flash_attention: implementation='cuda' cannot serve this call: "
@@ -145,7 +147,8 @@ def _choose_backend(implementation, dtype, head_dim: int, *,
     return "xla"
   if implementation == "cuda":
     return "cuda"
-  if _cuda.library_loaded() and not _cuda.unsupported_reason(dtype, head_dim):
+  if _cuda.library_loaded() and not _cuda.unsupported_reason(
+      dtype, head_dim, **sizes):
     return "auto"
   if not _cuda.library_loaded():
     _warn_if_gpu_without_kernels()

@@ -309,6 +309,19 @@ class InputErrorsTest(parameterized.TestCase):
             _array((1, 4, 2, head_dim), dtype), _array((1, 4, 2, head_dim), dtype),
             _array((1, 4, 2, head_dim), dtype), implementation="cuda")
 
+  @parameterized.named_parameters(
+      ("sequence_above_grid", (1, _cuda.MAX_SEQ + 1, 2, 64),
+       r"sequence lengths up to 4194240, got seq_q=4194241"),
+      ("batch_above_grid", (_cuda.MAX_BATCH + 1, 4, 2, 64),
+       r"batch and num_heads up to 65535, got batch=65536"),
+  )
+  def test_cuda_implementation_rejects_shapes_beyond_the_grid(self, shape, message):
+    spec = jax.ShapeDtypeStruct(shape, BF16)  # traced only, never allocated
+    with mock.patch.object(_cuda, "unavailable_reason", return_value=""):
+      with self.assertRaisesRegex(ValueError, message):
+        jax.eval_shape(functools.partial(jax_flash.flash_attention,
+                                         implementation="cuda"), spec, spec, spec)
+
 
 class TransformationsTest(parameterized.TestCase):
 
@@ -435,6 +448,13 @@ class BackendChoiceTest(absltest.TestCase):
     self.assertIn("jax_flash_fwd", text)
     self.assertIn("jax_flash_bwd", text)
     self.assertNotIn("stablehlo.while", text)
+
+  def test_sequence_beyond_the_kernels_takes_the_portable_path_on_cuda(self):
+    spec = jax.ShapeDtypeStruct((1, _cuda.MAX_SEQ + 64, 1, 64), BF16)
+    text = jax.jit(jax_flash.flash_attention).trace(spec, spec, spec).lower(
+        lowering_platforms=("cuda",)).as_text()
+    self.assertNotIn("jax_flash_fwd", text)
+    self.assertIn("stablehlo.while", text)
 
   def test_lowering_for_cpu_takes_the_portable_path(self):
     text = self.lowered_text(self.grad_fn(), "cpu")
