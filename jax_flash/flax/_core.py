@@ -1,0 +1,136 @@
+"""What the Flax adapters share: when the kernels can serve a call, the masks
+that stand in for them when they cannot, and rotary position embeddings.
+
+Flax's attention functions take `[batch..., length, heads, head_dim]` inputs
+(any number of batch dims, or none) and a boolean `mask` / additive `bias`
+broadcastable to `[batch..., heads, q_length, kv_length]`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .. import attention as _attention
+
+
+def promote(query, key, value, dtype):
+  """The computation dtype Flax's attention uses: `dtype`, else the inputs' promotion."""
+  dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(query, key, value)
+  return query.astype(dtype), key.astype(dtype), value.astype(dtype)
+
+
+def flash(query, key, value, *, causal: bool, implementation):
+  """jax_flash.flash_attention over any number of leading batch dims."""
+  if query.ndim < 3:
+    raise ValueError(f"attention inputs need [batch..., length, heads, head_dim], got "
+                     f"query of shape {query.shape}")
+  batch_shape = query.shape[:-3]
+  if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+    raise ValueError(f"query, key and value must share their batch dims, got "
+                     f"{query.shape}, {key.shape}, {value.shape}")
+  n = math.prod(batch_shape)
+  fold = lambda x: x.reshape((n,) + x.shape[-3:])
+  out = _attention.flash_attention(fold(query), fold(key), fold(value), causal=causal,
+                                   implementation=implementation)
+  return out.reshape(batch_shape + out.shape[-3:])
+
+
+def repeat_kv_heads(query, key, value):
+  """K/V with one head per query head, for fallbacks that do not take GQA."""
+  group = query.shape[-2] // key.shape[-2]
+  if group == 1:
+    return key, value
+  return jnp.repeat(key, group, axis=-2), jnp.repeat(value, group, axis=-2)
+
+
+def window_mask(q_positions, k_positions, *, causal: bool,
+                window_size: Sequence[int] | None):
+  """[q, k] boolean mask: query at position p sees keys in [p - left, p + right]
+  (and none after p when causal). None or -1 bounds a side by nothing."""
+  qp = q_positions[:, None]
+  kp = k_positions[None, :]
+  visible = jnp.ones((q_positions.shape[0], k_positions.shape[0]), bool)
+  left, right = window_size if window_size is not None else (-1, -1)
+  if causal:
+    visible &= kp <= qp
+  if left is not None and left >= 0:
+    visible &= kp >= qp - left
+  if right is not None and right >= 0:
+    visible &= kp <= qp + right
+  return visible
+
+
+def combine_masks(*masks):
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0].astype(bool)
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m.astype(bool))
+  return out
+
+
+def check_window_size(window_size):
+  if window_size is None:
+    return None
+  try:
+    left, right = window_size
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"window_size must be None or a pair (left, right), got "
+                     f"{window_size!r}") from e
+  for side in (left, right):
+    if side is not None and (not isinstance(side, int) or side < -1):
+      raise ValueError(f"window_size entries must be None, -1 or a non-negative int, "
+                       f"got {window_size!r}")
+  unbounded = lambda s: s is None or s == -1
+  return None if unbounded(left) and unbounded(right) else (left, right)
+
+
+def rotary_embedding(x, positions, *, base: float = 10000.0):
+  """Rotary position embedding (rotate-half form) of x [..., length, heads, head_dim]
+  at integer positions [length]; computed in float32, returned in x's dtype."""
+  head_dim = x.shape[-1]
+  if head_dim % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+  half = head_dim // 2
+  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [length, half]
+  cos = jnp.cos(angles)[:, None, :]
+  sin = jnp.sin(angles)[:, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def attend(query, key, value, *, mask, causal: bool, window_size, q_offset,
+           fallback: Callable, fallback_reasons: list[str], implementation,
+           allow_fallback: bool):
+  """The kernels when nothing stands in their way, else `fallback(query, key, value, mask)`.
+
+  causal and window_size are bottom-right aligned: query i sits at position
+  q_offset + i among the keys (q_offset = kv_length - q_length unless decoding).
+  """
+  window_size = check_window_size(window_size)
+  reasons = list(fallback_reasons)
+  if mask is not None:
+    reasons.append("a mask")
+  if window_size is not None:
+    reasons.append("window_size (not yet in the kernels)")
+  bottom_right = isinstance(q_offset, int) and q_offset == key.shape[-3] - query.shape[-3]
+  if causal and not bottom_right:
+    reasons.append("a causal mask at a run-time position (decoding)")
+  if not reasons:
+    return flash(query, key, value, causal=causal, implementation=implementation)
+  if not allow_fallback:
+    raise ValueError("jax_flash.flax: this call needs the plain attention fallback "
+                     f"(it has {', '.join(reasons)}) but allow_fallback=False")
+  if causal or window_size is not None:
+    q_pos = jnp.arange(query.shape[-3]) + q_offset
+    k_pos = jnp.arange(key.shape[-3])
+    extra = window_mask(q_pos, k_pos, causal=causal, window_size=window_size)
+    mask = combine_masks(mask, extra)
+  return fallback(query, key, value, mask)

@@ -1,0 +1,172 @@
+"""jax_flash for Flax NNX: an `attention_fn` for `nnx.MultiHeadAttention` and
+`FlashMultiHeadAttention`, that layer (same parameters, same cache) on the kernels
+with causal, sliding-window and rotary options.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _core
+
+Array = jax.Array
+
+
+def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
+                 dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False,
+                 dtype=None, precision=None, module=None, is_causal: bool = False, *,
+                 causal: bool = False, implementation: str | None = None,
+                 allow_fallback: bool = True, promote_dtype=None):
+  """Drop-in for `flax.nnx.dot_product_attention` running jax_flash's kernels.
+
+  Use it as `nnx.MultiHeadAttention(..., attention_fn=attention_fn)`. `is_causal`
+  is honoured as NNX defines it (top-left aligned: query i sees keys j <= i); the
+  kernels run it when q_length == kv_length. `causal` (for functools.partial) is
+  bottom-right aligned. What the kernels lack (a mask or bias, active dropout,
+  sown weights, a precision, is_causal with q_length != kv_length) goes to NNX's
+  own `dot_product_attention`; `allow_fallback=False` makes that an error.
+  """
+  del promote_dtype  # the inputs are promoted as NNX's default does
+  query, key, value = _core.promote(query, key, value, dtype)
+  reasons = []
+  top_left = is_causal and query.shape[-3] != key.shape[-3]
+  if top_left:
+    reasons.append("is_causal with q_length != kv_length")
+  return _attend(query, key, value, bias=bias, mask=mask,
+                 broadcast_dropout=broadcast_dropout, dropout_rng=dropout_rng,
+                 dropout_rate=dropout_rate, deterministic=deterministic, precision=precision,
+                 module=module, causal=causal or (is_causal and not top_left),
+                 top_left_causal=top_left, window_size=None,
+                 q_offset=key.shape[-3] - query.shape[-3], implementation=implementation,
+                 allow_fallback=allow_fallback, reasons=reasons)
+
+
+def _attend(query, key, value, *, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
+            deterministic, precision, module, causal, top_left_causal, window_size, q_offset,
+            implementation, allow_fallback, reasons):
+  reasons = list(reasons)
+  if bias is not None:
+    reasons.append("a bias")
+  if dropout_rate > 0.0 and not deterministic:
+    reasons.append("active dropout")
+  if module is not None:
+    reasons.append("sown attention weights")
+  if precision is not None:
+    reasons.append("an explicit precision")
+
+  def fallback(q, k, v, m):
+    k, v = _core.repeat_kv_heads(q, k, v)
+    return nnx.dot_product_attention(
+        q, k, v, bias=bias, mask=m, broadcast_dropout=broadcast_dropout,
+        dropout_rng=dropout_rng, dropout_rate=dropout_rate, deterministic=deterministic,
+        dtype=q.dtype, precision=precision, module=module, is_causal=top_left_causal)
+
+  return _core.attend(query, key, value, mask=mask, causal=causal, window_size=window_size,
+                      q_offset=q_offset, fallback=fallback, fallback_reasons=reasons,
+                      implementation=implementation, allow_fallback=allow_fallback)
+
+
+class FlashMultiHeadAttention(nnx.MultiHeadAttention):
+  """`flax.nnx.MultiHeadAttention` on jax_flash's kernels.
+
+  Takes every argument of NNX's layer (its parameters, GQA via num_kv_heads and
+  the decode cache are unchanged), plus keyword-only:
+    causal: causal self-attention without a mask (bottom-right aligned).
+    window_size: (left, right) sliding window; a query at position p sees keys in
+      [p - left, p + right]. Runs as a mask on the fallback path for now.
+    rotary / rotary_base: rotary position embeddings on queries and keys at
+      positions 0.. (the cache index when decoding).
+    implementation, allow_fallback: as in `attention_fn`.
+  """
+
+  def __init__(self, *args, causal: bool = False, window_size: Sequence[int] | None = None,
+               rotary: bool = False, rotary_base: float = 10000.0,
+               implementation: str | None = None, allow_fallback: bool = True, **kwargs):
+    kwargs.setdefault("attention_fn", attention_fn)
+    super().__init__(*args, **kwargs)
+    self.causal = causal
+    self.window_size = _core.check_window_size(window_size)
+    self.rotary = rotary
+    self.rotary_base = rotary_base
+    self.implementation = implementation
+    self.allow_fallback = allow_fallback
+
+  def __call__(self, inputs_q: Array, inputs_k: Array | None = None,
+               inputs_v: Array | None = None, *, mask: Array | None = None,
+               deterministic: bool | None = None, rngs=None, sow_weights: bool = False,
+               decode: bool | None = None, is_causal: bool = False):
+    if rngs is None:
+      rngs = self.rngs
+    elif isinstance(rngs, nnx.Rngs):
+      rngs = rngs.dropout
+    if inputs_k is None:
+      if inputs_v is not None:
+        raise ValueError("inputs_k cannot be None when inputs_v is given")
+      inputs_k = inputs_q
+    if inputs_v is None:
+      inputs_v = inputs_k
+    if inputs_q.shape[-1] != self.in_features:
+      raise ValueError(f"inputs_q has {inputs_q.shape[-1]} features, the layer expects "
+                       f"{self.in_features}")
+    query = self.query(inputs_q)
+    key = self.key(inputs_k)
+    value = self.value(inputs_v)
+    if self.normalize_qk:
+      query = self.query_ln(query)
+      key = self.key_ln(key)
+
+    decode = decode if decode is not None else bool(self.decode)
+    q_offset = key.shape[-3] - query.shape[-3]
+    if decode:
+      if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+        raise ValueError("decode=True needs init_cache(...) first")
+      *batch_dims, max_length, _, _ = self.cached_key.shape
+      if query.shape[-3] != 1:
+        raise ValueError(f"decoding takes one token per call, got query of shape "
+                         f"{query.shape}")
+      cur = self.cache_index[...]
+      if self.rotary:
+        query = _core.rotary_embedding(query, cur[None], base=self.rotary_base)
+        key = _core.rotary_embedding(key, cur[None], base=self.rotary_base)
+      zero = jnp.zeros((), cur.dtype)
+      idx = (zero,) * len(batch_dims) + (cur, zero, zero)
+      key = lax.dynamic_update_slice(self.cached_key[...], key, idx)
+      value = lax.dynamic_update_slice(self.cached_value[...], value, idx)
+      self.cached_key[...] = key
+      self.cached_value[...] = value
+      self.cache_index[...] = cur + 1
+      mask = _core.combine_masks(
+          mask, jnp.broadcast_to(jnp.arange(max_length) <= cur,
+                                 tuple(batch_dims) + (1, 1, max_length)))
+      q_offset = cur
+    elif self.rotary:
+      query = _core.rotary_embedding(query, jnp.arange(query.shape[-3]) + q_offset,
+                                     base=self.rotary_base)
+      key = _core.rotary_embedding(key, jnp.arange(key.shape[-3]), base=self.rotary_base)
+
+    dropout_rng = None
+    deterministic = True if self.dropout_rate == 0.0 else (
+        deterministic if deterministic is not None else self.deterministic)
+    if deterministic is None:
+      raise ValueError("dropout_rate > 0 needs deterministic, from the call or the layer")
+    if not deterministic:
+      if rngs is None:
+        raise ValueError("dropout needs rngs, from the call or the layer")
+      dropout_rng = rngs()
+
+    query, key, value = _core.promote(query, key, value, self.dtype)
+    top_left = is_causal and query.shape[-3] != key.shape[-3] and not decode
+    x = _attend(query, key, value, bias=None, mask=mask,
+                broadcast_dropout=self.broadcast_dropout, dropout_rng=dropout_rng,
+                dropout_rate=self.dropout_rate, deterministic=deterministic,
+                precision=self.precision, module=self if sow_weights else None,
+                causal=(self.causal or (is_causal and not top_left)) and not decode,
+                top_left_causal=top_left, window_size=self.window_size, q_offset=q_offset,
+                implementation=self.implementation, allow_fallback=self.allow_fallback,
+                reasons=["is_causal with q_length != kv_length"] if top_left else [])
+    return self.out(x)
