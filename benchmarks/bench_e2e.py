@@ -1,0 +1,193 @@
+"""End-to-end training steps with jax_flash, XLA and cuDNN attention on one GPU.
+
+  GPT-2 small shape: 12 layers, d_model 768, 12 heads (head_dim 64), vocab 50304,
+    causal; seq 1k..8k at equal tokens per step (batch = tokens // seq).
+  BERT-large shape: 24 layers, d_model 1024, 16 heads (head_dim 64), vocab 30528,
+    bidirectional; seq 512.
+  Longest sequence: GPT-2 small at batch 1, doubling the length until the step's
+    compiled memory no longer fits the GPU (then one real step at the longest fit).
+
+One full AdamW training step (forward, backward, update) in bf16 compute with
+float32 parameters, jitted with donated state; every attention in the same
+process. Step time is the median of repeats; memory is the compiled step's
+temporary bytes (`memory_analysis()`), arguments (params + optimizer state +
+tokens) listed apart.
+
+  python benchmarks/bench_e2e.py --out-dir results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_attention import Timing, _default_name, _device_memory_bytes, _error_text, time_call  # noqa: E402
+from models import ATTENTION, Config, Transformer, next_token_loss  # noqa: E402
+
+GPT2_SMALL = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, causal=True)
+BERT_LARGE = dict(vocab_size=30528, d_model=1024, n_layers=24, n_heads=16, causal=False)
+
+
+def train_step_fn(model):
+  optimizer = optax.adamw(1e-4)
+
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(next_token_loss)(params, model, tokens)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return optimizer, step
+
+
+def measure(model_name: str, shape: dict, attention: str, batch: int, seq: int,
+            timing: Timing, run: bool = True) -> dict:
+  row = dict(model=model_name, attention=attention, batch=batch, seq=seq,
+             tokens=batch * seq)
+  try:
+    cfg = Config(max_len=seq, attention=attention, dtype="bfloat16", **shape)
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(jax.random.key(1), tokens[:, :-1])
+    optimizer, step = train_step_fn(model)
+    opt_state = jax.jit(optimizer.init)(params)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    row["compile_s"] = round(time.perf_counter() - t0, 1)
+    stats = compiled.memory_analysis()
+    row["temp_bytes"] = int(stats.temp_size_in_bytes)
+    row["arg_bytes"] = int(stats.argument_size_in_bytes)
+    limit = _device_memory_bytes()
+    if limit and row["temp_bytes"] + row["arg_bytes"] > limit:
+      row["error"] = (f"RESOURCE_EXHAUSTED: step needs "
+                      f"{(row['temp_bytes'] + row['arg_bytes']) / 2**30:.1f} GiB, the device "
+                      f"has {limit / 2**30:.1f} GiB (not run)")
+      return row
+    if not run:
+      return row
+    state = [params, opt_state]
+
+    def one_step(tokens):
+      state[0], state[1], loss = compiled(state[0], state[1], tokens)
+      return loss
+
+    seconds = time_call(one_step, (tokens,), timing)
+    row["ms"] = seconds * 1e3
+    row["tokens_per_s"] = batch * seq / seconds
+    row["loss"] = float(one_step(tokens))
+  except Exception as e:  # noqa: BLE001 - every failure is a result to record
+    row["error"] = _error_text(e)
+  return row
+
+
+def _cell(row, key, fmt):
+  if "error" in row:
+    return "OOM" if "RESOURCE_EXHAUSTED" in row["error"] else "err"
+  return fmt.format(row[key]) if key in row else "-"
+
+
+def _gib(row):
+  if "temp_bytes" in row and "error" not in row:
+    return f"{row['temp_bytes'] / 2**30:.1f}"
+  return _cell(row, "temp_bytes", "")
+
+
+def markdown(rows, command: str, seconds: float) -> str:
+  device = jax.devices()[0].device_kind
+  out = [f"# End-to-end training step: {device}, {time.strftime('%Y-%m-%d')}", "",
+         f"Command: `{command}`  ",
+         f"jax {jax.__version__}; bf16 compute, fp32 params, AdamW; ms = median step time; "
+         f"temp GiB = compiled temporary memory of the step (params and optimizer state, "
+         f"the same for all, excluded). Took {seconds:.0f} s.", ""]
+  steps = [r for r in rows if r["model"] != "gpt2-small-longest"]
+  keys = sorted({(r["model"], r["seq"], r["batch"]) for r in steps},
+                key=lambda k: (k[0] != "gpt2-small", k[1]))
+  by = {(r["model"], r["seq"], r["batch"], r["attention"]): r for r in steps}
+  out.append("| model | seq | batch | " + " | ".join(f"{a} ms" for a in ATTENTION)
+             + " | jax_flash tok/s | vs xla | vs cudnn | "
+             + " | ".join(f"{a} temp GiB" for a in ATTENTION) + " |")
+  out.append("|" + "---|" * (6 + 2 * len(ATTENTION)))
+  for model, seq, batch in keys:
+    r = {a: by.get((model, seq, batch, a), {"error": "missing"}) for a in ATTENTION}
+    speed = lambda a: (f"{r[a]['ms'] / r['jax_flash']['ms']:.2f}x"
+                       if "ms" in r[a] and "ms" in r["jax_flash"] else "-")
+    out.append(f"| {model} | {seq} | {batch} | "
+               + " | ".join(_cell(r[a], "ms", "{:.1f}") for a in ATTENTION)
+               + f" | {_cell(r['jax_flash'], 'tokens_per_s', '{:,.0f}')} | {speed('xla')} | "
+               f"{speed('cudnn')} | "
+               + " | ".join(_gib(r[a]) for a in ATTENTION)
+               + " |")
+  longest = [r for r in rows if r["model"] == "gpt2-small-longest"]
+  if longest:
+    out += ["", "Longest GPT-2-small sequence at batch 1 (compiled memory of one training "
+            "step within the GPU; the longest fit also ran a step):", ""]
+    for a in sorted({r["attention"] for r in longest}, key=ATTENTION.index):
+      fits = [r for r in longest if r["attention"] == a and "error" not in r]
+      ran = [r for r in fits if "ms" in r]
+      best = max(fits, key=lambda r: r["seq"]) if fits else None
+      text = (f"{best['seq']} tokens ({(best['temp_bytes'] + best['arg_bytes']) / 2**30:.1f} GiB"
+              + (f", step {ran[-1]['ms']:.0f} ms" if ran else "") + ")") if best else "none tried fit"
+      out.append(f"- {a}: {text}")
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seqs", default="1024,2048,4096,8192")
+  p.add_argument("--tokens", type=int, default=16384, help="tokens per step (GPT-2 sweep)")
+  p.add_argument("--bert-batch", type=int, default=32)
+  p.add_argument("--longest", default="8192,16384,32768,65536,131072",
+                 help="batch-1 GPT-2 lengths to try for the longest that fits ('' skips)")
+  p.add_argument("--attention", default=",".join(ATTENTION))
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("."))
+  p.add_argument("--name", default=None)
+  args = p.parse_args(argv)
+  attentions = [a for a in args.attention.split(",") if a]
+  timing = Timing(repeats=args.repeats, min_repeat_s=0.0, max_iters=1)
+  name = "e2e-" + (args.name or _default_name())
+  args.out_dir.mkdir(parents=True, exist_ok=True)
+  rows = []
+  t_start = time.perf_counter()
+
+  def record(row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  for seq in (int(s) for s in args.seqs.split(",") if s):
+    for a in attentions:
+      record(measure("gpt2-small", GPT2_SMALL, a, args.tokens // seq, seq, timing))
+  if args.bert_batch:
+    for a in attentions:
+      record(measure("bert-large", BERT_LARGE, a, args.bert_batch, 512, timing))
+  for a in attentions:
+    fitted = None
+    for seq in (int(s) for s in args.longest.split(",") if s):
+      row = measure("gpt2-small-longest", GPT2_SMALL, a, 1, seq, timing, run=False)
+      record(row)
+      if "error" in row:
+        break
+      fitted = seq
+    if fitted is not None:
+      record(measure("gpt2-small-longest", GPT2_SMALL, a, 1, fitted,
+                     Timing(repeats=1, min_repeat_s=0.0, max_iters=1)))
+  seconds = time.perf_counter() - t_start
+  command = "python benchmarks/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  (args.out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  md = markdown(rows, command.strip(), seconds)
+  (args.out_dir / f"{name}.md").write_text(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
