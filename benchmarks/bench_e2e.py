@@ -49,15 +49,29 @@ def train_step_fn(model):
   return optimizer, step
 
 
+_PARAMS = {}
+
+
+def initial_params(shape: dict, max_len: int):
+  """Parameters of a shape, made once: every attention has the same parameter tree."""
+  key = (tuple(sorted(shape.items())), max_len)
+  if key not in _PARAMS:
+    _PARAMS.clear()  # one model's parameters on the device at a time
+    model = Transformer(Config(max_len=max_len, dtype="bfloat16", **shape))
+    _PARAMS[key] = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+  return _PARAMS[key]
+
+
 def measure(model_name: str, shape: dict, attention: str, batch: int, seq: int,
-            timing: Timing, run: bool = True) -> dict:
+            timing: Timing, run: bool = True, max_len: int | None = None) -> dict:
   row = dict(model=model_name, attention=attention, batch=batch, seq=seq,
              tokens=batch * seq)
   try:
-    cfg = Config(max_len=seq, attention=attention, dtype="bfloat16", **shape)
+    cfg = Config(max_len=max_len or seq, attention=attention, dtype="bfloat16", **shape)
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(jax.random.key(1), tokens[:, :-1])
+    # Donation consumes the state: each measurement gets its own copy.
+    params = jax.tree.map(jnp.copy, initial_params(shape, cfg.max_len))
     optimizer, step = train_step_fn(model)
     opt_state = jax.jit(optimizer.init)(params)
     t0 = time.perf_counter()
@@ -101,13 +115,14 @@ def _gib(row):
   return _cell(row, "temp_bytes", "")
 
 
-def markdown(rows, command: str, seconds: float) -> str:
-  device = jax.devices()[0].device_kind
+def markdown(rows, command: str, seconds: float, device: str | None = None,
+             jax_version: str | None = jax.__version__) -> str:
+  device = device or jax.devices()[0].device_kind
   out = [f"# End-to-end training step: {device}, {time.strftime('%Y-%m-%d')}", "",
          f"Command: `{command}`  ",
-         f"jax {jax.__version__}; bf16 compute, fp32 params, AdamW; ms = median step time; "
+         (f"jax {jax_version}; " if jax_version else "") + f"bf16 compute, fp32 params, AdamW; ms = median step time; "
          f"temp GiB = compiled temporary memory of the step (params and optimizer state, "
-         f"the same for all, excluded). Took {seconds:.0f} s.", ""]
+         f"the same for all, excluded)." + (f" Took {seconds:.0f} s." if seconds else ""), ""]
   steps = [r for r in rows if r["model"] != "gpt2-small-longest"]
   keys = sorted({(r["model"], r["seq"], r["batch"]) for r in steps},
                 key=lambda k: (k[0] != "gpt2-small", k[1]))
@@ -128,8 +143,8 @@ def markdown(rows, command: str, seconds: float) -> str:
                + " |")
   longest = [r for r in rows if r["model"] == "gpt2-small-longest"]
   if longest:
-    out += ["", "Longest GPT-2-small sequence at batch 1 (compiled memory of one training "
-            "step within the GPU; the longest fit also ran a step):", ""]
+    out += ["", "Longest GPT-2-small sequence at batch 1 whose training step's compiled "
+            "memory fits the GPU's allotment (doubling the length until it does not):", ""]
     for a in sorted({r["attention"] for r in longest}, key=ATTENTION.index):
       fits = [r for r in longest if r["attention"] == a and "error" not in r]
       ran = [r for r in fits if "ms" in r]
@@ -138,6 +153,32 @@ def markdown(rows, command: str, seconds: float) -> str:
               + (f", step {ran[-1]['ms']:.0f} ms" if ran else "") + ")") if best else "none tried fit"
       out.append(f"- {a}: {text}")
   return "\n".join(out) + "\n"
+
+
+def plot(rows, path: pathlib.Path, title: str):
+  """GPT-2-small step time and temporary memory against sequence length."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for a in ATTENTION:
+    pts = sorted((r["seq"], r) for r in rows if r["model"] == "gpt2-small" and r["attention"] == a)
+    timed = [(sq, r["ms"]) for sq, r in pts if "ms" in r]
+    mem = [(sq, r["temp_bytes"] / 2**30) for sq, r in pts if "temp_bytes" in r]
+    if timed:
+      ax_t.plot(*zip(*timed), marker="o", label=a)
+    if mem:
+      ax_m.plot(*zip(*mem), marker="o", label=a)
+  for ax, label in ((ax_t, "training step (ms)"), (ax_m, "compiled temporary memory (GiB)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens per step fixed)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -152,21 +193,40 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("."))
   p.add_argument("--name", default=None)
+  p.add_argument("--from-jsonl", nargs="+", type=pathlib.Path,
+                 help="measure nothing: write the table and plot of earlier runs' rows")
+  p.add_argument("--device-kind", default=None, help="with --from-jsonl: the GPU's name")
   args = p.parse_args(argv)
+  if args.from_jsonl:
+    rows = [json.loads(line) for f in args.from_jsonl for line in f.read_text().splitlines()
+            if line.strip()]
+    name = "e2e-" + (args.name or "combined")
+    sources = ", ".join(f.name for f in args.from_jsonl)
+    md = markdown(rows, f"rows of {sources}", 0.0, args.device_kind, jax_version=None)
+    (args.out_dir / f"{name}.md").write_text(md)
+    plot(rows, args.out_dir / f"{name}.png", f"GPT-2 small training step, {args.device_kind}")
+    print(md)
+    return
   attentions = [a for a in args.attention.split(",") if a]
   timing = Timing(repeats=args.repeats, min_repeat_s=0.0, max_iters=1)
   name = "e2e-" + (args.name or _default_name())
   args.out_dir.mkdir(parents=True, exist_ok=True)
   rows = []
   t_start = time.perf_counter()
+  log = args.out_dir / f"{name}.jsonl"
+  log.write_text("")
 
   def record(row):
     rows.append(row)
     print(json.dumps(row), flush=True)
+    with log.open("a") as f:
+      f.write(json.dumps(row) + "\n")
 
-  for seq in (int(s) for s in args.seqs.split(",") if s):
+  seqs = [int(s) for s in args.seqs.split(",") if s]
+  for seq in seqs:
     for a in attentions:
-      record(measure("gpt2-small", GPT2_SMALL, a, args.tokens // seq, seq, timing))
+      record(measure("gpt2-small", GPT2_SMALL, a, args.tokens // seq, seq, timing,
+                     max_len=max(seqs)))
   if args.bert_batch:
     for a in attentions:
       record(measure("bert-large", BERT_LARGE, a, args.bert_batch, 512, timing))
@@ -183,9 +243,13 @@ def main(argv=None):
                      Timing(repeats=1, min_repeat_s=0.0, max_iters=1)))
   seconds = time.perf_counter() - t_start
   command = "python benchmarks/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
-  (args.out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   md = markdown(rows, command.strip(), seconds)
   (args.out_dir / f"{name}.md").write_text(md)
+  try:
+    plot(rows, args.out_dir / f"{name}.png",
+         f"GPT-2 small training step, {jax.devices()[0].device_kind}")
+  except ImportError:
+    print("matplotlib not installed: no plot (rerun with --from-jsonl where it is)")
   print(md)
 
 
