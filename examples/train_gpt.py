@@ -67,10 +67,12 @@ def random_crops(data: np.ndarray, rng: np.random.Generator, batch: int, length:
   return jnp.asarray(np.stack([data[s:s + length] for s in starts]))
 
 
-def generate(model, params, prompt: bytes, n_new: int, key, temperature: float = 0.8) -> bytes:
-  """Samples n_new bytes after prompt. The window is padded to max_len on the
-  right, so one compiled forward serves every step (causal: padding is unseen)."""
-  max_len = model.cfg.max_len
+def generate(model, params, prompt: bytes, n_new: int, key, context: int,
+             temperature: float = 0.8) -> bytes:
+  """Samples n_new bytes after prompt, seeing at most the last `context` bytes (the
+  training length). The window is padded on the right, so one compiled forward
+  serves every step (causal: the padding is never seen)."""
+  max_len = context
   logits_at = jax.jit(lambda p, toks, i: model.apply(p, toks[None])[0, i])
   tokens = list(prompt)
   for _ in range(n_new):
@@ -189,7 +191,8 @@ def main(argv=None) -> dict:
     plot_losses(args.workdir / "loss.png", *zip(*history),
                 f"{cfg.n_layers}-layer GPT, attention={cfg.attention}")
   prompt = b"The with statement"
-  sample = generate(model, params, prompt, args.sample_bytes, jax.random.key(args.seed + 1))
+  sample = generate(model, params, prompt, args.sample_bytes, jax.random.key(args.seed + 1),
+                    context=seq)
   sample_text = sample.decode("utf-8", errors="replace")
   (args.workdir / "sample.txt").write_text(sample_text)
   first = history[0][1] if history else float("nan")
