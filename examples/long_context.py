@@ -12,8 +12,9 @@ token; the model must name the needle at the last position. Chance is
 First the script compiles one training step with XLA attention at the same length
 and reports whether its memory fits the device; then it trains with jax_flash on a
 curriculum of lengths (256, x4 per stage, up to the target: the retrieval is by
-content, so what is learned short carries over) and prints the accuracy on fresh
-examples at the full length.
+content, so what is learned short carries over), moving to the next length once
+the running accuracy reaches 0.9, and prints the accuracy on fresh examples at the
+full length.
 """
 
 from __future__ import annotations
@@ -86,9 +87,9 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--length", type=int, default=16384 if on_gpu else 1024)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--steps", type=int, default=600 if on_gpu else 300,
-                 help="training steps, split evenly over the curriculum's stages")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--steps", type=int, default=3000 if on_gpu else 400,
+                 help="most training steps in all")
   p.add_argument("--needles", type=int, default=16)
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--skip-xla-check", action="store_true")
@@ -119,21 +120,26 @@ def main(argv=None) -> dict:
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   opt_state = optimizer.init(params)
   stages = [n for n in (256, 1024, 4096, 16384, 65536) if n < args.length] + [args.length]
-  per_stage = max(1, args.steps // len(stages))
   print(f"training {cfg.n_layers} layers x d_model {cfg.d_model} with jax_flash, "
         f"{args.needles} needles (chance {1 / args.needles:.3f}); lengths {stages}, "
-        f"{per_stage} steps each")
+        f"at most {args.steps} steps")
   t0 = time.perf_counter()
-  for length in stages:
+  done = 0
+  for stage, length in enumerate(stages):
     accs = []
-    for i in range(per_stage):
+    last = stage == len(stages) - 1
+    while done < args.steps:
       params, opt_state, loss, acc = step(params, opt_state,
                                           *make_batch(rng, args.batch, length, args.needles))
       accs.append(float(acc))
-      if i % 25 == 0 or i == per_stage - 1:
-        print(f"  length {length:6d}  step {i:4d}  loss {float(loss):.3f}  "
-              f"accuracy {np.mean(accs[-25:]):.2f}  ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+      done += 1
+      running = np.mean(accs[-25:])
+      learned = len(accs) >= 25 and running >= (0.95 if last else 0.9)
+      if len(accs) % 25 == 1 or learned:
+        print(f"  length {length:6d}  step {done:5d}  loss {float(loss):.3f}  "
+              f"accuracy {running:.2f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+      if learned:
+        break
   eval_fn = jax.jit(lambda p, t, a: last_position_loss(p, model, t, a)[1])
   held_out = float(np.mean([eval_fn(params, *make_batch(rng, args.batch, args.length,
                                                         args.needles)) for _ in range(8)]))
