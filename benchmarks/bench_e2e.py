@@ -120,9 +120,10 @@ def markdown(rows, command: str, seconds: float, device: str | None = None,
   device = device or jax.devices()[0].device_kind
   out = [f"# End-to-end training step: {device}, {time.strftime('%Y-%m-%d')}", "",
          f"Command: `{command}`  ",
-         (f"jax {jax_version}; " if jax_version else "") + f"bf16 compute, fp32 params, AdamW; ms = median step time; "
-         f"temp GiB = compiled temporary memory of the step (params and optimizer state, "
-         f"the same for all, excluded)." + (f" Took {seconds:.0f} s." if seconds else ""), ""]
+         (f"jax {jax_version}; " if jax_version else "")
+         + "bf16 compute, fp32 params, AdamW; ms = median step time; "
+         "temp GiB = compiled temporary memory of the step (params and optimizer state, "
+         "the same for all, excluded)." + (f" Took {seconds:.0f} s." if seconds else ""), ""]
   steps = [r for r in rows if r["model"] != "gpt2-small-longest"]
   keys = sorted({(r["model"], r["seq"], r["batch"]) for r in steps},
                 key=lambda k: (k[0] != "gpt2-small", k[1]))

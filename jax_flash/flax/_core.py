@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from .. import attention as _attention
@@ -104,6 +103,20 @@ def rotary_embedding(x, positions, *, base: float = 10000.0):
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
+
+
+def fallback_reasons(*, bias, dropout_rate, deterministic, module, precision) -> list[str]:
+  """What in a Flax attention call the kernels cannot do (empty: they can run it)."""
+  reasons = []
+  if bias is not None:
+    reasons.append("a bias")
+  if dropout_rate > 0.0 and not deterministic:
+    reasons.append("active dropout")
+  if module is not None:
+    reasons.append("sown attention weights")
+  if precision is not None:
+    reasons.append("an explicit precision")
+  return reasons
 
 
 def attend(query, key, value, *, mask, causal: bool, window_size, q_offset,

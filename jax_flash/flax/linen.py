@@ -55,15 +55,9 @@ def _attend(query, key, value, *, bias, mask, broadcast_dropout, dropout_rng, dr
             implementation, allow_fallback):
   """attention_fn with a sliding window and a query offset (what the module needs)."""
   query, key, value = _core.promote(query, key, value, dtype)
-  reasons = []
-  if bias is not None:
-    reasons.append("a bias")
-  if dropout_rate > 0.0 and not deterministic:
-    reasons.append("active dropout")
-  if module is not None:
-    reasons.append("sown attention weights")
-  if precision is not None:
-    reasons.append("an explicit precision")
+  reasons = _core.fallback_reasons(bias=bias, dropout_rate=dropout_rate,
+                                   deterministic=deterministic, module=module,
+                                   precision=precision)
   if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
     reasons.append("custom einsums")
 

@@ -49,15 +49,9 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: boo
 def _attend(query, key, value, *, bias, mask, broadcast_dropout, dropout_rng, dropout_rate,
             deterministic, precision, module, causal, top_left_causal, window_size, q_offset,
             implementation, allow_fallback, reasons):
-  reasons = list(reasons)
-  if bias is not None:
-    reasons.append("a bias")
-  if dropout_rate > 0.0 and not deterministic:
-    reasons.append("active dropout")
-  if module is not None:
-    reasons.append("sown attention weights")
-  if precision is not None:
-    reasons.append("an explicit precision")
+  reasons = list(reasons) + _core.fallback_reasons(
+      bias=bias, dropout_rate=dropout_rate, deterministic=deterministic, module=module,
+      precision=precision)
 
   def fallback(q, k, v, m):
     k, v = _core.repeat_kv_heads(q, k, v)
