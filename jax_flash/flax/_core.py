@@ -12,6 +12,7 @@ import math
 from typing import Callable, Sequence
 
 import jax.numpy as jnp
+from jax import lax
 
 from .. import attention as _attention
 
@@ -117,6 +118,47 @@ def fallback_reasons(*, bias, dropout_rate, deterministic, module, precision) ->
   if precision is not None:
     reasons.append("an explicit precision")
   return reasons
+
+
+def kv_inputs(inputs_q, inputs_k, inputs_v):
+  """Flax's defaults: keys from the queries' input, values from the keys'."""
+  if inputs_k is None:
+    if inputs_v is not None:
+      raise ValueError("inputs_k cannot be None when inputs_v is given")
+    inputs_k = inputs_q
+  return inputs_k, inputs_k if inputs_v is None else inputs_v
+
+
+def rotate_sequence(query, key, rotary_base: float | None):
+  """Rotary embeddings at positions 0.. for the keys, bottom-right aligned queries."""
+  if rotary_base is None:
+    return query, key
+  offset = key.shape[-3] - query.shape[-3]
+  return (rotary_embedding(query, jnp.arange(query.shape[-3]) + offset, base=rotary_base),
+          rotary_embedding(key, jnp.arange(key.shape[-3]), base=rotary_base))
+
+
+def decode_step(query, key, value, cached_key, cached_value, index, mask,
+                rotary_base: float | None):
+  """One token of autoregressive decoding with Flax's KV cache.
+
+  Writes this token's key/value at `index` of the [batch..., max_length, heads,
+  head_dim] caches and masks the slots not written yet. Returns (query, key, value,
+  mask) for attention, key/value being the updated caches.
+  """
+  if query.shape[-3] != 1:
+    raise ValueError(f"decoding takes one token per call, got query of shape {query.shape}")
+  *batch_dims, max_length, _, _ = cached_key.shape
+  if rotary_base is not None:
+    query = rotary_embedding(query, index[None], base=rotary_base)
+    key = rotary_embedding(key, index[None], base=rotary_base)
+  zero = jnp.zeros((), index.dtype)
+  start = (zero,) * len(batch_dims) + (index, zero, zero)
+  key = lax.dynamic_update_slice(cached_key, key, start)
+  value = lax.dynamic_update_slice(cached_value, value, start)
+  written = jnp.broadcast_to(jnp.arange(max_length) <= index,
+                             tuple(batch_dims) + (1, 1, max_length))
+  return query, key, value, combine_masks(mask, written)
 
 
 def attend(query, key, value, *, mask, causal: bool, window_size, q_offset,

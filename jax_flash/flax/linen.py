@@ -11,7 +11,6 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from . import _core
 
@@ -126,12 +125,7 @@ class FlashMultiHeadAttention(nn.Module):
       if inputs_k is not None or inputs_v is not None:
         raise ValueError("pass either inputs_kv or inputs_k/inputs_v, not both")
       inputs_k = inputs_v = inputs_kv
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = _core.kv_inputs(inputs_q, inputs_k, inputs_v)
 
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
@@ -156,6 +150,7 @@ class FlashMultiHeadAttention(nn.Module):
       query = ln(name="query_ln")(query)
       key = ln(name="key_ln")(key)
 
+    rotary_base = self.rotary_base if self.rotary else None
     q_offset = key.shape[-3] - query.shape[-3]
     decoding = False
     if self.decode:
@@ -166,30 +161,15 @@ class FlashMultiHeadAttention(nn.Module):
       cache_index = self.variable("cache", "cache_index",
                                   lambda: jnp.array(0, dtype=jnp.int32))
       if initialized:
-        *batch_dims, max_length, _, _ = cached_key.value.shape
-        if query.shape[-3] != 1:
-          raise ValueError(f"decoding takes one token per call, got query of shape "
-                           f"{query.shape}")
         decoding = True
-        cur = cache_index.value
-        if self.rotary:
-          pos = cur[None]
-          query = _core.rotary_embedding(query, pos, base=self.rotary_base)
-          key = _core.rotary_embedding(key, pos, base=self.rotary_base)
-        zero = jnp.zeros((), cur.dtype)
-        idx = (zero,) * len(batch_dims) + (cur, zero, zero)
-        key = lax.dynamic_update_slice(cached_key.value, key, idx)
-        value = lax.dynamic_update_slice(cached_value.value, value, idx)
+        q_offset = cache_index.value
+        query, key, value, mask = _core.decode_step(
+            query, key, value, cached_key.value, cached_value.value, q_offset, mask,
+            rotary_base)
         cached_key.value, cached_value.value = key, value
-        cache_index.value = cur + 1
-        mask = _core.combine_masks(
-            mask, jnp.broadcast_to(jnp.arange(max_length) <= cur,
-                                   tuple(batch_dims) + (1, 1, max_length)))
-        q_offset = cur
-    if self.rotary and not decoding:
-      query = _core.rotary_embedding(query, jnp.arange(query.shape[-3]) + q_offset,
-                                     base=self.rotary_base)
-      key = _core.rotary_embedding(key, jnp.arange(key.shape[-3]), base=self.rotary_base)
+        cache_index.value = q_offset + 1
+    if not decoding:
+      query, key = _core.rotate_sequence(query, key, rotary_base)
 
     if self.dropout_rate > 0.0:
       m_deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)

@@ -9,8 +9,6 @@ from typing import Sequence
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
-from jax import lax
 
 from . import _core
 
@@ -98,12 +96,7 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
       rngs = self.rngs
     elif isinstance(rngs, nnx.Rngs):
       rngs = rngs.dropout
-    if inputs_k is None:
-      if inputs_v is not None:
-        raise ValueError("inputs_k cannot be None when inputs_v is given")
-      inputs_k = inputs_q
-    if inputs_v is None:
-      inputs_v = inputs_k
+    inputs_k, inputs_v = _core.kv_inputs(inputs_q, inputs_k, inputs_v)
     if inputs_q.shape[-1] != self.in_features:
       raise ValueError(f"inputs_q has {inputs_q.shape[-1]} features, the layer expects "
                        f"{self.in_features}")
@@ -115,33 +108,20 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
       key = self.key_ln(key)
 
     decode = decode if decode is not None else bool(self.decode)
+    rotary_base = self.rotary_base if self.rotary else None
     q_offset = key.shape[-3] - query.shape[-3]
     if decode:
       if self.cached_key is None or self.cached_value is None or self.cache_index is None:
         raise ValueError("decode=True needs init_cache(...) first")
-      *batch_dims, max_length, _, _ = self.cached_key.shape
-      if query.shape[-3] != 1:
-        raise ValueError(f"decoding takes one token per call, got query of shape "
-                         f"{query.shape}")
-      cur = self.cache_index[...]
-      if self.rotary:
-        query = _core.rotary_embedding(query, cur[None], base=self.rotary_base)
-        key = _core.rotary_embedding(key, cur[None], base=self.rotary_base)
-      zero = jnp.zeros((), cur.dtype)
-      idx = (zero,) * len(batch_dims) + (cur, zero, zero)
-      key = lax.dynamic_update_slice(self.cached_key[...], key, idx)
-      value = lax.dynamic_update_slice(self.cached_value[...], value, idx)
+      q_offset = self.cache_index[...]
+      query, key, value, mask = _core.decode_step(
+          query, key, value, self.cached_key[...], self.cached_value[...], q_offset, mask,
+          rotary_base)
       self.cached_key[...] = key
       self.cached_value[...] = value
-      self.cache_index[...] = cur + 1
-      mask = _core.combine_masks(
-          mask, jnp.broadcast_to(jnp.arange(max_length) <= cur,
-                                 tuple(batch_dims) + (1, 1, max_length)))
-      q_offset = cur
-    elif self.rotary:
-      query = _core.rotary_embedding(query, jnp.arange(query.shape[-3]) + q_offset,
-                                     base=self.rotary_base)
-      key = _core.rotary_embedding(key, jnp.arange(key.shape[-3]), base=self.rotary_base)
+      self.cache_index[...] = q_offset + 1
+    else:
+      query, key = _core.rotate_sequence(query, key, rotary_base)
 
     dropout_rng = None
     deterministic = True if self.dropout_rate == 0.0 else (
