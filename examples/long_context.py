@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 import sys
 import time
 
@@ -75,6 +76,16 @@ def step_memory(cfg: Config, batch: int):
   return int(stats.temp_size_in_bytes + stats.argument_size_in_bytes)
 
 
+def compile_failure(error: Exception) -> str:
+  """The line of a compile error that says why (XLA puts out-of-memory deep inside)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  for line in lines:
+    found = re.search(r"Out of memory while trying to allocate [\d.]+\s*\w+", line)
+    if found:
+      return "o" + found.group(0)[1:]
+  return lines[0][:200] if lines else type(error).__name__
+
+
 def device_limit():
   try:
     return jax.devices()[0].memory_stats()["bytes_limit"]
@@ -109,7 +120,7 @@ def main(argv=None) -> dict:
                                               f"{'fits' if fits else 'does not fit'}"
                                               if limit else "")
       except Exception as e:  # noqa: BLE001 - an out-of-memory compile is a result
-        need, fits, text = None, False, f"fails to compile: {str(e).splitlines()[0][:200]}"
+        need, fits, text = None, False, f"fails to compile: {compile_failure(e)}"
       result[f"{attention}_step_bytes"] = need
       print(f"{attention:9s} attention, length {args.length}, batch {args.batch}: one "
             f"training step needs {text}")

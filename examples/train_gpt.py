@@ -37,8 +37,10 @@ from models import ATTENTION, Config, Transformer, next_token_loss  # noqa: E402
 CONFIGS = {
     "tiny": (dict(d_model=128, n_layers=4, n_heads=4, max_len=256, dtype="float32"),
              dict(batch=32, seq=128, steps=500, lr=2e-3)),
+    # The corpus is 500 KB: much past 300 steps of 32k tokens the model memorizes it
+    # (on an H100, 2000 steps took the training loss to 0.03 and validation to 2.4).
     "gpu": (dict(d_model=384, n_layers=6, n_heads=6, max_len=1024, dtype="bfloat16"),
-            dict(batch=32, seq=1024, steps=2000, lr=1e-3)),
+            dict(batch=32, seq=1024, steps=300, lr=1e-3)),
 }
 
 
