@@ -33,7 +33,8 @@ LIB_NAME = "libjax_flash_cuda.so"
 ALL_HEAD_DIMS = ("64", "128", "256")
 ALL_DTYPES = ("bf16", "f16")
 HOST_SOURCES = ("ffi/flash_ffi.cc", "kernel_registry.cc")
-KERNEL_UNIT = "sm80/instantiate.cu"
+# Passes with an sm90 kernel; the others run the sm80 kernel on Hopper too.
+SM90_PASSES = ("fwd",)
 
 
 def _list_env(name, default, allowed):
@@ -46,15 +47,28 @@ def _list_env(name, default, allowed):
   return values
 
 
-def kernel_units():
-  """(object name, defines) of every kernel compilation unit in this build."""
+def kernel_units(archs):
+  """(object name, source, defines, gencode) of every kernel compilation unit.
+
+  The sm80 family is compiled for every arch in `archs` (it runs everywhere);
+  the sm90 family (wgmma, TMA) only for sm_90a, when 90 is among them.
+  """
+  gencode = []
+  for arch in archs:
+    gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+  # PTX of the newest arch lets newer GPUs JIT-compile the sm80 family.
+  gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+  families = [("sm80", gencode, ("fwd", "bwd"))]
+  if "90" in archs:
+    families.append(("sm90", ["-gencode", "arch=compute_90a,code=sm_90a"], SM90_PASSES))
   units = []
-  for dtype in _list_env("JAX_FLASH_DTYPES", ",".join(ALL_DTYPES), ALL_DTYPES):
-    for head_dim in _list_env("JAX_FLASH_HEAD_DIMS", ",".join(ALL_HEAD_DIMS), ALL_HEAD_DIMS):
-      for pass_ in ("fwd", "bwd"):
-        units.append((f"{pass_}_{dtype}_hd{head_dim}",
-                      [f"-DJAX_FLASH_PASS={pass_}", f"-DJAX_FLASH_DTYPE={dtype}",
-                       f"-DJAX_FLASH_HEAD_DIM={head_dim}"]))
+  for family, family_gencode, passes in families:
+    for dtype in _list_env("JAX_FLASH_DTYPES", ",".join(ALL_DTYPES), ALL_DTYPES):
+      for head_dim in _list_env("JAX_FLASH_HEAD_DIMS", ",".join(ALL_HEAD_DIMS), ALL_HEAD_DIMS):
+        for pass_ in passes:
+          units.append((f"{family}_{pass_}_{dtype}_hd{head_dim}", f"{family}/instantiate.cu",
+                        [f"-DJAX_FLASH_PASS={pass_}", f"-DJAX_FLASH_DTYPE={dtype}",
+                         f"-DJAX_FLASH_HEAD_DIM={head_dim}"], family_gencode))
   return units
 
 
@@ -106,16 +120,11 @@ class BuildCudaLibrary(build_ext):
     obj_dir = pathlib.Path(self.build_temp).resolve() / "jax_flash_cuda"
     obj_dir.mkdir(parents=True, exist_ok=True)
 
-    gencode = []
-    for arch in archs:
-      gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    # PTX of the newest arch lets newer GPUs JIT-compile the kernels.
-    gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
     common = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-isystem", include]
     jobs = []
-    for name, defines in kernel_units():
+    for name, source, defines, gencode in kernel_units(archs):
       jobs.append((obj_dir / f"{name}.o",
-                   [nvcc, *common, *gencode, *defines, "-c", str(CUDA_DIR / KERNEL_UNIT)]))
+                   [nvcc, *common, *gencode, *defines, "-c", str(CUDA_DIR / source)]))
     for src in HOST_SOURCES:
       obj = obj_dir / (src.replace("/", "_") + ".o")
       jobs.append((obj, [nvcc, *common, "-c", str(CUDA_DIR / src)]))

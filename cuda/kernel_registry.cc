@@ -1,9 +1,13 @@
 #include "kernel_registry.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace jax_flash {
 namespace {
 
 constexpr int kNumHeadDims = sizeof(kNativeHeadDims) / sizeof(kNativeHeadDims[0]);
+constexpr int kMaxDevices = 64;
 
 int head_dim_index(int head_dim) {
   for (int i = 0; i < kNumHeadDims; ++i)
@@ -12,30 +16,60 @@ int head_dim_index(int head_dim) {
 }
 
 template <typename Launcher>
-Launcher (&table())[2][kNumHeadDims] {
-  static Launcher launchers[2][kNumHeadDims] = {};
+Launcher (&table())[kNumArchs][2][kNumHeadDims] {
+  static Launcher launchers[kNumArchs][2][kNumHeadDims] = {};
   return launchers;
 }
 
 template <typename Launcher>
-bool put(DType dtype, int head_dim, Launcher launcher) {
+bool put(Arch arch, DType dtype, int head_dim, Launcher launcher) {
   const int i = head_dim_index(head_dim);
   if (i < 0) return false;
-  table<Launcher>()[static_cast<int>(dtype)][i] = launcher;
+  table<Launcher>()[static_cast<int>(arch)][static_cast<int>(dtype)][i] = launcher;
   return true;
 }
 
 template <typename Launcher>
-Launcher get(DType dtype, int head_dim) {
+Launcher get(Arch arch, DType dtype, int head_dim) {
   const int i = head_dim_index(head_dim);
-  return i < 0 ? nullptr : table<Launcher>()[static_cast<int>(dtype)][i];
+  return i < 0 ? nullptr : table<Launcher>()[static_cast<int>(arch)][static_cast<int>(dtype)][i];
+}
+
+// Compute capability major of a device, read once per device.
+int capability_major(int device) {
+  static int majors[kMaxDevices] = {};  // 0: not read yet
+  if (device < 0 || device >= kMaxDevices) return 0;
+  if (majors[device] == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+      return 0;
+    majors[device] = major;
+  }
+  return majors[device];
+}
+
+bool sm80_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("JAX_FLASH_KERNELS");
+    return v != nullptr && std::strcmp(v, "sm80") == 0;
+  }();
+  return forced;
 }
 
 }  // namespace
 
-bool register_fwd(DType d, int h, FwdLauncher l) { return put(d, h, l); }
-bool register_bwd(DType d, int h, BwdLauncher l) { return put(d, h, l); }
-FwdLauncher find_fwd(DType d, int h) { return get<FwdLauncher>(d, h); }
-BwdLauncher find_bwd(DType d, int h) { return get<BwdLauncher>(d, h); }
+bool register_fwd(Arch a, DType d, int h, FwdLauncher l) { return put(a, d, h, l); }
+bool register_bwd(Arch a, DType d, int h, BwdLauncher l) { return put(a, d, h, l); }
+FwdLauncher find_fwd(Arch a, DType d, int h) { return get<FwdLauncher>(a, d, h); }
+BwdLauncher find_bwd(Arch a, DType d, int h) { return get<BwdLauncher>(a, d, h); }
+
+int preferred_archs(Arch (&archs)[kNumArchs]) {
+  int n = 0;
+  int device = 0;
+  if (!sm80_forced() && cudaGetDevice(&device) == cudaSuccess && capability_major(device) == 9)
+    archs[n++] = Arch::kSm90;
+  archs[n++] = Arch::kSm80;
+  return n;
+}
 
 }  // namespace jax_flash

@@ -1,7 +1,7 @@
-// The one place that maps a configuration (dtype, head dim) to a kernel. Each
-// compiled kernel unit registers its launchers at load time, so a build of a
-// subset of configurations still links, and asking for a missing one is a clear
-// error rather than a missing symbol.
+// The one place that maps a configuration (kernel family, dtype, head dim) to a
+// kernel. Each compiled kernel unit registers its launchers at load time, so a
+// build of a subset of configurations still links, and asking for a missing one
+// is a clear error rather than a missing symbol.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,9 +15,19 @@ using BwdLauncher = cudaError_t (*)(const BwdParams&, cudaStream_t);
 
 inline constexpr int kNativeHeadDims[] = {64, 128, 256};
 
-bool register_fwd(DType dtype, int head_dim, FwdLauncher launcher);
-bool register_bwd(DType dtype, int head_dim, BwdLauncher launcher);
-FwdLauncher find_fwd(DType dtype, int head_dim);  // nullptr if not compiled
-BwdLauncher find_bwd(DType dtype, int head_dim);
+// Kernel families, by the instruction set they are written for. kSm80 runs on
+// every supported GPU; kSm90 (wgmma, TMA) only on compute capability 9.x.
+enum class Arch { kSm80, kSm90 };
+inline constexpr int kNumArchs = 2;
+
+bool register_fwd(Arch arch, DType dtype, int head_dim, FwdLauncher launcher);
+bool register_bwd(Arch arch, DType dtype, int head_dim, BwdLauncher launcher);
+FwdLauncher find_fwd(Arch arch, DType dtype, int head_dim);  // nullptr if not compiled
+BwdLauncher find_bwd(Arch arch, DType dtype, int head_dim);
+
+// The families worth trying on the current device, best first: kSm90 on
+// compute capability 9.x unless JAX_FLASH_KERNELS=sm80 asks for the portable
+// family, then kSm80. Returns how many were written to `archs`.
+int preferred_archs(Arch (&archs)[kNumArchs]);
 
 }  // namespace jax_flash

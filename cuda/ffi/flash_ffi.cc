@@ -103,6 +103,16 @@ ffi::Error not_compiled(const AttentionShape& s) {
                  " and this dtype in this build (see JAX_FLASH_HEAD_DIMS / JAX_FLASH_DTYPES)");
 }
 
+// The launcher of the best kernel family for this device that has the configuration.
+template <typename Launcher, typename Find>
+Launcher pick(Find find, DType dtype, int head_dim) {
+  Arch archs[kNumArchs];
+  const int n = preferred_archs(archs);
+  for (int i = 0; i < n; ++i)
+    if (Launcher launch = find(archs[i], dtype, head_dim)) return launch;
+  return nullptr;
+}
+
 ffi::Error launched(cudaError_t err) {
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("jax_flash: kernel launch failed: ") +
@@ -120,7 +130,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return invalid("out must match query " + dims_str(q.dimensions()));
   if (!is_row_stat_of(lse->dimensions(), q))
     return invalid("lse must be [..., heads, seq_q], got " + dims_str(lse->dimensions()));
-  const FwdLauncher launch = find_fwd(dtype, shape.head_dim);
+  const FwdLauncher launch = pick<FwdLauncher>(find_fwd, dtype, shape.head_dim);
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), softmax_scale, causal};
@@ -147,7 +157,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   for (auto d : {lse.dimensions(), dlse.dimensions(), delta->dimensions()})
     if (!is_row_stat_of(d, q))
       return invalid("lse, dlse and delta must be [..., heads, seq_q], got " + dims_str(d));
-  const BwdLauncher launch = find_bwd(dtype, shape.head_dim);
+  const BwdLauncher launch = pick<BwdLauncher>(find_bwd, dtype, shape.head_dim);
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),

@@ -1,0 +1,231 @@
+// FlashAttention forward on Hopper: TMA, mbarrier pipelines and wgmma.
+//
+// One block: 64 * kConsumers queries of one head, in three roles. Warpgroup 0
+// is the producer: it shrinks to a few registers and one thread issues the TMA
+// copies, Q once and then K and V tiles through a ring of kStages buffers, each
+// buffer with a "full" barrier (bytes landed) and an "empty" one (every consumer
+// warp is done with it). The other warpgroups are consumers with the registers
+// the producer gave up: S = Q K^T with both operands in shared memory, mask and
+// online softmax in registers, then O += P V with P straight from registers.
+// Key blocks are visited from last to first, so the masked ones come first.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "../common/block_order.cuh"
+#include "../common/mask.cuh"
+#include "../common/softmax.cuh"
+#include "../common/warp_gemm.cuh"
+#include "../params.h"
+#include "hopper.cuh"
+#include "tensor_map.h"
+#include "tile_sizes.h"
+#include "wgmma.cuh"
+
+namespace jax_flash::sm90 {
+
+struct FwdArgs {
+  CUtensorMap q, k, v;
+  FwdParams p;
+};
+
+template <typename T, int kD>
+struct FwdKernel {
+  using Tile = FwdTile<kD>;
+  static constexpr int kBlockN = Tile::kBlockN, kStages = Tile::kStages;
+  static constexpr int kConsumers = Tile::kConsumers;
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kPanels = kD / 64;
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kKVBytes = kBlockN * kD * 2;
+  // Shared memory: Q, K stages, V stages, then the barriers.
+  static constexpr int kKOffset = kQBytes;
+  static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
+  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 4 * kStages) + 1024;  // + alignment
+  // Registers per thread after reallocation: 24 for the producer, the rest split
+  // over the consumers (a multiple of 8, at most 240 for the compiler's sake).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs =
+      ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8) > 240
+          ? 240
+          : ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8);
+  using AccS = Accum<1, kBlockN / 8>;
+  using AccO = Accum<1, kD / 8>;
+  static_assert(kD % 64 == 0 && kBlockN % 64 == 0, "tiles are whole 64-column panels");
+};
+
+template <int kRegs, typename Acc>
+__device__ __forceinline__ float (&flat(Acc& acc))[kRegs] {
+  return reinterpret_cast<float(&)[kRegs]>(acc.x);
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
+    flash_fwd_kernel(const __grid_constant__ FwdArgs args) {
+  using K = FwdKernel<T, kD>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
+  const FwdParams& p = args.p;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sQ = smem;
+  const uint32_t bar_q = smem + K::kBarOffset;
+  auto sK = [&](int s) { return smem + K::kKOffset + s * K::kKVBytes; };
+  auto sV = [&](int s) { return smem + K::kVOffset + s * K::kKVBytes; };
+  auto full_k = [&](int s) { return bar_q + 8 * (1 + s); };
+  auto full_v = [&](int s) { return bar_q + 8 * (1 + kStages + s); };
+  auto empty_k = [&](int s) { return bar_q + 8 * (1 + 2 * kStages + s); };
+  auto empty_v = [&](int s) { return bar_q + 8 * (1 + 3 * kStages + s); };
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warpgroup = warp >> 2;
+  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/true);
+  const int head = bi.head, batch = bi.batch;
+  const int kv_head = head / (sh.heads / sh.kv_heads);
+  const int m0 = bi.tile * kBlockM;
+  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full_k(s), 1);
+      mbar_init(full_v(s), 1);
+      mbar_init(empty_k(s), 4 * K::kConsumers);  // one arrival per consumer warp
+      mbar_init(empty_v(s), 4 * K::kConsumers);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    regs_shrink<K::kProducerRegs>();
+    if (warp == 0 && lane == 0 && n_blocks > 0) {
+      tma_prefetch_descriptor(&args.q);
+      tma_prefetch_descriptor(&args.k);
+      tma_prefetch_descriptor(&args.v);
+      mbar_arrive_expect_tx(bar_q, K::kQBytes);
+#pragma unroll
+      for (int c = 0; c < K::kPanels; ++c)
+        tma_load_4d(sQ + c * kBlockM * 128, &args.q, bar_q, c * 64, head, m0, batch);
+      for (int i = 0; i < n_blocks; ++i) {
+        const int n0 = (n_blocks - 1 - i) * kBlockN, s = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        mbar_wait(empty_k(s), phase ^ 1);
+        mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < K::kPanels; ++c)
+          tma_load_4d(sK(s) + c * kBlockN * 128, &args.k, full_k(s), c * 64, kv_head, n0, batch);
+        mbar_wait(empty_v(s), phase ^ 1);
+        mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < K::kPanels; ++c)
+          tma_load_4d(sV(s) + c * kBlockN * 128, &args.v, full_v(s), c * 64, kv_head, n0, batch);
+      }
+    }
+    return;
+  }
+
+  regs_grow<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp_row0 = consumer * 64 + (warp & 3) * 16;  // this warp's first row in the block
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  // Descriptors of k step 0; later steps add their byte offset / 16.
+  const uint64_t q_desc = sw128_desc(sQ + consumer * 64 * 128, 16);
+
+  typename K::AccO o;
+  o.zero();
+  OnlineSoftmax<1> softmax;
+  if (n_blocks > 0) mbar_wait(bar_q, 0);
+  for (int i = 0; i < n_blocks; ++i) {
+    const int n0 = (n_blocks - 1 - i) * kBlockN, s = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+
+    typename K::AccS acc_s;
+    auto& s_regs = flat<K::AccS::kNT * 4>(acc_s);
+    const uint64_t k_desc = sw128_desc(sK(s), 16);
+    mbar_wait(full_k(s), phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      const uint32_t k_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+      Wgmma<T, kBlockN>::template ss<0>(s_regs, q_desc + (q_off >> 4), k_desc + (k_off >> 4),
+                                        kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(s_regs);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_k(s));
+
+    if (mask.tile_needs_mask(m0 + warp_row0, n0, kBlockN))
+      mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
+    softmax.update(acc_s, o, scale_log2);
+    uint32_t p_frags[1][kBlockN / 16][4];
+    accum_to_a_frags<T>(p_frags, acc_s);
+
+    auto& o_regs = flat<K::AccO::kNT * 4>(o);
+    const uint64_t v_desc = sw128_desc(sV(s), kBlockN * 128);
+    mbar_wait(full_v(s), phase);
+    pin_registers(o_regs);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      Wgmma<T, kD>::template rs<1>(o_regs, p_frags[0][kk], v_desc + ((kk * 16 * 128) >> 4), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(o_regs);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_v(s));
+  }
+
+  float lse[1][2];
+  softmax.finalize(o, p.softmax_scale, lse);
+
+  // Epilogue: each thread writes its pairs of columns straight to global memory.
+  const int64_t row_stride = int64_t(sh.heads) * kD;
+  T* out = static_cast<T*>(p.out) + (int64_t(batch) * sh.seq_q + m0) * row_stride + head * kD;
+  float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
+    if (m0 + row >= sh.seq_q) continue;
+    T* dst = out + row * row_stride;
+#pragma unroll
+    for (int nt = 0; nt < K::AccO::kNT; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + K::AccO::col(nt, 0, lane)) =
+          pack2<T>(o.x[0][nt][2 * h], o.x[0][nt][2 * h + 1]);
+    if ((lane & 3) == 0) lse_out[row] = lse[0][h];
+  }
+}
+
+template <typename T, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  using K = FwdKernel<T, kD>;
+  const AttentionShape& sh = p.shape;
+  FwdArgs args;
+  args.p = p;
+  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
+  cudaError_t err;
+  if ((err = make_tensor_map(&args.q, dtype, p.q, sh.batch, sh.seq_q, sh.heads, kD,
+                             K::kBlockM)) != cudaSuccess ||
+      (err = make_tensor_map(&args.k, dtype, p.k, sh.batch, sh.seq_k, sh.kv_heads, kD,
+                             K::kBlockN)) != cudaSuccess ||
+      (err = make_tensor_map(&args.v, dtype, p.v, sh.batch, sh.seq_k, sh.kv_heads, kD,
+                             K::kBlockN)) != cudaSuccess)
+    return err;
+  auto kernel = flash_fwd_kernel<T, kD>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid = block_grid((sh.seq_q + K::kBlockM - 1) / K::kBlockM, sh.heads, sh.batch,
+                               p.causal);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::sm90

@@ -1,0 +1,120 @@
+// Hopper (sm_90a) primitives: mbarriers, TMA tile copies, the wgmma fences and
+// shared-memory matrix descriptors, register reallocation and named barriers.
+// Everything the sm90 kernels do beyond plain CUDA goes through these names.
+#pragma once
+
+#include <cuda.h>
+#include <cstdint>
+
+namespace jax_flash::sm90 {
+
+// --- mbarrier: a shared-memory barrier whose phases complete when the expected
+// arrivals (and, for TMA, the expected bytes) have come in.
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
+}
+
+// Makes barrier initialization visible to the other threads and to the TMA unit.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// One arrival that also announces `bytes` of TMA data to come in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits until the phase with the given parity has completed. A fresh barrier
+// counts its (nonexistent) previous phase, parity 1, as complete.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// --- TMA: a box of a tensor described by a CUtensorMap (a __grid_constant__
+// kernel parameter) copied to shared memory; completion counts bytes on `bar`.
+
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// --- wgmma ordering.
+
+// Orders this warpgroup's register and shared-memory accesses before the next
+// wgmma.mma_async reads them.
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The compiler sees a wgmma write its accumulators when it is issued, not when it
+// completes; pinning them here keeps their reads and writes on the right side of
+// the fence and the wait.
+template <int N>
+__device__ __forceinline__ void pin_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// --- Shared-memory matrix descriptors, 128-byte swizzle.
+//
+// Tiles are stored in panels of 64 16-bit columns: rows of 128 bytes, 16-byte
+// chunks XOR-swizzled by (row % 8), each 8-row group 1024 bytes and 1024-byte
+// aligned. That is what TMA writes with CU_TENSOR_MAP_SWIZZLE_128B and a box
+// 64 elements wide, and what wgmma reads with swizzle mode 1.
+//   K-major operand (rows are m or n, k along the row): SBO = 1024 between 8-row
+//     groups; a k step of 16 moves 32 bytes within the panel.
+//   N-major operand (rows are k): SBO = 1024 between 8-row groups of k, LBO =
+//     the panel stride between groups of 64 columns of n.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lbo_bytes >> 4) << 16) |
+         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// --- Warp specialization.
+
+template <int kRegs>
+__device__ __forceinline__ void regs_grow() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void regs_shrink() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace jax_flash::sm90

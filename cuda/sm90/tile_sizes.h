@@ -1,0 +1,16 @@
+// Tile sizes of the sm90 kernels, one row per head dim: the only place to tune.
+//
+// Forward: one producer warpgroup feeds K/V tiles through kStages shared-memory
+// buffers; kConsumers warpgroups each own 64 of the block's kBlockM queries and
+// walk the keys kBlockN at a time.
+#pragma once
+
+namespace jax_flash::sm90 {
+
+template <int kHeadDim>
+struct FwdTile;
+template <> struct FwdTile<64>  { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
+template <> struct FwdTile<128> { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
+template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 2, kConsumers = 2; };
+
+}  // namespace jax_flash::sm90
