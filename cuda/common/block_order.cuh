@@ -28,4 +28,24 @@ __device__ __forceinline__ BlockIndex block_index(bool causal, bool last_tile_lo
   return {tile, int(blockIdx.x), int(blockIdx.y)};
 }
 
+// The same order for persistent kernels, which take tiles id = blockIdx.x,
+// blockIdx.x + gridDim.x, ...: under a causal mask the longest tiles of every
+// head come first; otherwise the tiles of one head are consecutive.
+struct TileOrder {
+  int tiles;
+  int heads;
+  int batch;
+  bool causal;
+
+  __host__ __device__ __forceinline__ int count() const { return tiles * heads * batch; }
+  __device__ __forceinline__ BlockIndex at(int id) const {
+    if (causal) {
+      const int rest = id % (heads * batch);
+      return {tiles - 1 - id / (heads * batch), rest % heads, rest / heads};
+    }
+    const int rest = id / tiles;
+    return {id % tiles, rest % heads, rest / heads};
+  }
+};
+
 }  // namespace jax_flash

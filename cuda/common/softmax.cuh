@@ -35,10 +35,21 @@ struct OnlineSoftmax {
   }
 
   // Scores -> unnormalized probabilities in place; rescales the output accumulator
-  // by exp(old_max - new_max). A row that has seen no key keeps max = -inf and
-  // gets p = 0 (the subtracted base is then 0, never -inf - -inf).
+  // by exp(old_max - new_max).
   template <typename AccS, typename AccO>
   __device__ __forceinline__ void update(AccS& s, AccO& o, float scale_log2) {
+    float alpha[kMT][2];
+    update_scores(s, scale_log2, alpha);
+    rescale(o, alpha);
+  }
+
+  // The first half of update, for kernels that rescale the output later (while
+  // a matrix product still accumulates into it): alpha = exp(old_max - new_max)
+  // per row. A row that has seen no key keeps max = -inf and gets p = 0 (the
+  // subtracted base is then 0, never -inf - -inf).
+  template <typename AccS>
+  __device__ __forceinline__ void update_scores(AccS& s, float scale_log2,
+                                                float (&alpha)[kMT][2]) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -49,7 +60,7 @@ struct OnlineSoftmax {
           mx = fmaxf(mx, fmaxf(s.x[mt][nt][2 * h], s.x[mt][nt][2 * h + 1]));
         mx = quad_max(mx);
         const float base = mx == -CUDART_INF_F ? 0.f : mx * scale_log2;
-        const float alpha = fast_exp2(row_max[mt][h] * scale_log2 - base);
+        alpha[mt][h] = fast_exp2(row_max[mt][h] * scale_log2 - base);
         row_max[mt][h] = mx;
         float sum = 0.f;
 #pragma unroll
@@ -60,13 +71,21 @@ struct OnlineSoftmax {
             x = fast_exp2(fmaf(x, scale_log2, -base));
             sum += x;
           }
-        row_sum[mt][h] = fmaf(row_sum[mt][h], alpha, sum);
+        row_sum[mt][h] = fmaf(row_sum[mt][h], alpha[mt][h], sum);
+      }
+  }
+
+  template <typename AccO>
+  static __device__ __forceinline__ void rescale(AccO& o, const float (&alpha)[kMT][2]) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int nt = 0; nt < AccO::kNT; ++nt) {
-          o.x[mt][nt][2 * h] *= alpha;
-          o.x[mt][nt][2 * h + 1] *= alpha;
+          o.x[mt][nt][2 * h] *= alpha[mt][h];
+          o.x[mt][nt][2 * h + 1] *= alpha[mt][h];
         }
-      }
   }
 
   // Normalizes the output once and returns the natural-log lse of each row

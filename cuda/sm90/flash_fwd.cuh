@@ -1,17 +1,21 @@
 // FlashAttention forward on Hopper: TMA, mbarrier pipelines and wgmma.
 //
-// One block: 64 * kConsumers queries of one head, in three roles. Warpgroup 0
-// is the producer: it shrinks to a few registers and one thread issues the TMA
-// copies, Q once and then K and V tiles through a ring of kStages buffers, each
-// buffer with a "full" barrier (bytes landed) and an "empty" one (every consumer
-// warp is done with it). The other warpgroups are consumers with the registers
-// the producer gave up: S = Q K^T with both operands in shared memory, mask and
-// online softmax in registers, then O += P V with P straight from registers.
-// Key blocks are visited from last to first, so the masked ones come first.
+// A persistent kernel: one block per SM walks query tiles of 64 * kConsumers
+// rows (TileOrder: longest first under a causal mask), in three roles.
+// Warpgroup 0 is the producer: it shrinks to a few registers and one thread
+// issues the TMA copies, each tile's Q and then its K and V tiles through a
+// ring of kStages buffers that runs on from tile to tile. Every buffer has a
+// "full" barrier (bytes landed) and an "empty" one (every consumer warp is done
+// with it). The other warpgroups are consumers with the registers the producer
+// gave up: S = Q K^T with both operands in shared memory, mask and online
+// softmax in registers, then O += P V with P straight from registers; each
+// writes its rows of O from registers and moves on. Key blocks are visited from
+// last to first, so the masked ones come first.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../common/block_order.cuh"
@@ -20,7 +24,7 @@
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
 #include "hopper.cuh"
-#include "tensor_map.h"
+#include "host.h"
 #include "tile_sizes.h"
 #include "wgmma.cuh"
 
@@ -45,7 +49,7 @@ struct FwdKernel {
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 4 * kStages) + 1024;  // + alignment
+  static constexpr int kSmemBytes = kBarOffset + 8 * (2 + 4 * kStages) + 1024;  // + alignment
   // Registers per thread after reallocation: 24 for the producer, the rest split
   // over the consumers (a multiple of 8, at most 240 for the compiler's sake).
   static constexpr int kProducerRegs = 24;
@@ -63,6 +67,30 @@ __device__ __forceinline__ float (&flat(Acc& acc))[kRegs] {
   return reinterpret_cast<float(&)[kRegs]>(acc.x);
 }
 
+// Round-robin turns of the consumer warpgroups at the tensor cores, on named
+// barriers 1..kN: warpgroup c waits at barrier 1 + c before issuing its
+// products and then arrives at the next one (two warpgroups, 256 threads, meet
+// at each), so that one warpgroup's softmax runs while another's products do.
+// The last warpgroup opens the first turn, and the first one takes a last
+// empty turn at the end, so that every arrival is waited for.
+template <int kN>
+struct TensorCoreTurns {
+  int consumer;
+
+  __device__ __forceinline__ void begin() const {
+    if (kN > 1 && consumer == kN - 1) named_barrier_arrive(1, 256);
+  }
+  __device__ __forceinline__ void wait() const {
+    if (kN > 1) named_barrier_sync(1 + consumer, 256);
+  }
+  __device__ __forceinline__ void pass() const {
+    if (kN > 1) named_barrier_arrive(1 + (consumer + 1) % kN, 256);
+  }
+  __device__ __forceinline__ void finish() const {
+    if (kN > 1 && consumer == 0) wait();
+  }
+};
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdArgs args) {
@@ -72,59 +100,72 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
   const uint32_t sQ = smem;
-  const uint32_t bar_q = smem + K::kBarOffset;
+  const uint32_t full_q = smem + K::kBarOffset, empty_q = full_q + 8;
   auto sK = [&](int s) { return smem + K::kKOffset + s * K::kKVBytes; };
   auto sV = [&](int s) { return smem + K::kVOffset + s * K::kKVBytes; };
-  auto full_k = [&](int s) { return bar_q + 8 * (1 + s); };
-  auto full_v = [&](int s) { return bar_q + 8 * (1 + kStages + s); };
-  auto empty_k = [&](int s) { return bar_q + 8 * (1 + 2 * kStages + s); };
-  auto empty_v = [&](int s) { return bar_q + 8 * (1 + 3 * kStages + s); };
+  auto full_k = [&](int s) { return full_q + 8 * (2 + s); };
+  auto full_v = [&](int s) { return full_q + 8 * (2 + kStages + s); };
+  auto empty_k = [&](int s) { return full_q + 8 * (2 + 2 * kStages + s); };
+  auto empty_v = [&](int s) { return full_q + 8 * (2 + 3 * kStages + s); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
-  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/true);
-  const int head = bi.head, batch = bi.batch;
-  const int kv_head = head / (sh.heads / sh.kv_heads);
-  const int m0 = bi.tile * kBlockM;
+  const TileOrder order{(sh.seq_q + kBlockM - 1) / kBlockM, sh.heads, sh.batch, p.causal};
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
-  const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+  auto key_blocks = [&](int m0) { return (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN; };
 
   if (tid == 0) {
-    mbar_init(bar_q, 1);
+    mbar_init(full_q, 1);
+    mbar_init(empty_q, 4 * K::kConsumers);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_k(s), 1);
       mbar_init(full_v(s), 1);
-      mbar_init(empty_k(s), 4 * K::kConsumers);  // one arrival per consumer warp
+      mbar_init(empty_k(s), 4 * K::kConsumers);
       mbar_init(empty_v(s), 4 * K::kConsumers);
     }
     mbar_init_fence();
   }
   __syncthreads();
 
+  // Every role walks the same tiles and counts the same key blocks: `it` over
+  // all key blocks (the K/V ring's stage and phase), `tiles_done` over tiles
+  // with work (Q's phase).
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    if (warp == 0 && lane == 0 && n_blocks > 0) {
+    if (warp == 0 && lane == 0) {
       tma_prefetch_descriptor(&args.q);
       tma_prefetch_descriptor(&args.k);
       tma_prefetch_descriptor(&args.v);
-      mbar_arrive_expect_tx(bar_q, K::kQBytes);
+      int it = 0, tiles_done = 0;
+      for (int id = blockIdx.x; id < order.count(); id += gridDim.x) {
+        const BlockIndex bi = order.at(id);
+        const int m0 = bi.tile * kBlockM, kv_head = bi.head / (sh.heads / sh.kv_heads);
+        const int n_blocks = key_blocks(m0);
+        for (int i = 0; i < n_blocks; ++i, ++it) {
+          const int n0 = (n_blocks - 1 - i) * kBlockN, s = it % kStages;
+          const uint32_t phase = (it / kStages) & 1;
+          mbar_wait(empty_k(s), phase ^ 1);
+          mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
 #pragma unroll
-      for (int c = 0; c < K::kPanels; ++c)
-        tma_load_4d(sQ + c * kBlockM * 128, &args.q, bar_q, c * 64, head, m0, batch);
-      for (int i = 0; i < n_blocks; ++i) {
-        const int n0 = (n_blocks - 1 - i) * kBlockN, s = i % kStages;
-        const uint32_t phase = (i / kStages) & 1;
-        mbar_wait(empty_k(s), phase ^ 1);
-        mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
+          for (int c = 0; c < K::kPanels; ++c)
+            tma_load_4d(sK(s) + c * kBlockN * 128, &args.k, full_k(s), c * 64, kv_head, n0,
+                        bi.batch);
+          if (i == 0) {  // Q after the first K: the previous tile's last products may still read Q
+            mbar_wait(empty_q, (tiles_done & 1) ^ 1);
+            mbar_arrive_expect_tx(full_q, K::kQBytes);
 #pragma unroll
-        for (int c = 0; c < K::kPanels; ++c)
-          tma_load_4d(sK(s) + c * kBlockN * 128, &args.k, full_k(s), c * 64, kv_head, n0, batch);
-        mbar_wait(empty_v(s), phase ^ 1);
-        mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
+            for (int c = 0; c < K::kPanels; ++c)
+              tma_load_4d(sQ + c * kBlockM * 128, &args.q, full_q, c * 64, bi.head, m0, bi.batch);
+          }
+          mbar_wait(empty_v(s), phase ^ 1);
+          mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
 #pragma unroll
-        for (int c = 0; c < K::kPanels; ++c)
-          tma_load_4d(sV(s) + c * kBlockN * 128, &args.v, full_v(s), c * 64, kv_head, n0, batch);
+          for (int c = 0; c < K::kPanels; ++c)
+            tma_load_4d(sV(s) + c * kBlockN * 128, &args.v, full_v(s), c * 64, kv_head, n0,
+                        bi.batch);
+        }
+        tiles_done += n_blocks > 0;
       }
     }
     return;
@@ -132,23 +173,24 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
 
   regs_grow<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
-  const int warp_row0 = consumer * 64 + (warp & 3) * 16;  // this warp's first row in the block
+  const int warp_row0 = consumer * 64 + (warp & 3) * 16;  // this warp's first row in a tile
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  // Descriptors of k step 0; later steps add their byte offset / 16.
+  // Descriptor of Q's k step 0; later steps add their byte offset / 16.
   const uint64_t q_desc = sw128_desc(sQ + consumer * 64 * 128, 16);
+  const TensorCoreTurns<K::kConsumers> turns{consumer};
 
+  typename K::AccS acc_s;
   typename K::AccO o;
-  o.zero();
-  OnlineSoftmax<1> softmax;
-  if (n_blocks > 0) mbar_wait(bar_q, 0);
-  for (int i = 0; i < n_blocks; ++i) {
-    const int n0 = (n_blocks - 1 - i) * kBlockN, s = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
+  auto& s_regs = flat<K::AccS::kNT * 4>(acc_s);
+  auto& o_regs = flat<K::AccO::kNT * 4>(o);
+  float alpha[1][2];
+  uint32_t p_frags[1][kBlockN / 16][4];
 
-    typename K::AccS acc_s;
-    auto& s_regs = flat<K::AccS::kNT * 4>(acc_s);
+  // S = Q K^T of ring slot `it`, issued (not waited for).
+  auto issue_qk = [&](int it) {
+    const int s = it % kStages;
     const uint64_t k_desc = sw128_desc(sK(s), 16);
-    mbar_wait(full_k(s), phase);
+    mbar_wait(full_k(s), (it / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
@@ -158,50 +200,109 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
                                         kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(s_regs);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty_k(s));
-
-    if (mask.tile_needs_mask(m0 + warp_row0, n0, kBlockN))
-      mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
-    softmax.update(acc_s, o, scale_log2);
-    uint32_t p_frags[1][kBlockN / 16][4];
-    accum_to_a_frags<T>(p_frags, acc_s);
-
-    auto& o_regs = flat<K::AccO::kNT * 4>(o);
+  };
+  // O += P V of ring slot `it`, issued.
+  auto issue_pv = [&](int it) {
+    const int s = it % kStages;
     const uint64_t v_desc = sw128_desc(sV(s), kBlockN * 128);
-    mbar_wait(full_v(s), phase);
+    mbar_wait(full_v(s), (it / kStages) & 1);
     pin_registers(o_regs);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)
       Wgmma<T, kD>::template rs<1>(o_regs, p_frags[0][kk], v_desc + ((kk * 16 * 128) >> 4), 1);
     wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(o_regs);
+  };
+  auto release = [&](uint32_t bar) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty_v(s));
-  }
+    if (lane == 0) mbar_arrive(bar);
+  };
 
-  float lse[1][2];
-  softmax.finalize(o, p.softmax_scale, lse);
+  int it = 0, tiles_done = 0;
+  bool took_turns = false;
+  for (int id = blockIdx.x; id < order.count(); id += gridDim.x) {
+    const BlockIndex bi = order.at(id);
+    const int m0 = bi.tile * kBlockM;
+    const int n_blocks = key_blocks(m0);
+    o.zero();
+    OnlineSoftmax<1> softmax;
+    // Scores of the i-th key block of this tile (landed in s_regs) ->
+    // probabilities in place. Packing them into p_frags waits until no product
+    // reads p_frags any more.
+    auto softmax_step = [&](int i) {
+      const int n0 = (n_blocks - 1 - i) * kBlockN;
+      if (mask.tile_needs_mask(m0 + warp_row0, n0, kBlockN))
+        mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
+      softmax.update_scores(acc_s, scale_log2, alpha);
+    };
 
-  // Epilogue: each thread writes its pairs of columns straight to global memory.
-  const int64_t row_stride = int64_t(sh.heads) * kD;
-  T* out = static_cast<T*>(p.out) + (int64_t(batch) * sh.seq_q + m0) * row_stride + head * kD;
-  float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
+    // Software pipeline: while the tensor cores compute S of block i and P V of
+    // block i - 1, this warpgroup waits only for S; the softmax of block i then
+    // overlaps the P V product (O is rescaled by block i - 1's alpha just before
+    // that product is issued). Across warpgroups, TensorCoreTurns lets one issue
+    // its products while the others run their softmax.
+    if (n_blocks > 0) {
+      if (!took_turns) turns.begin();
+      took_turns = true;
+      mbar_wait(full_q, tiles_done & 1);
+      turns.wait();
+      issue_qk(it);
+      turns.pass();
+      wgmma_wait<0>();
+      pin_registers(s_regs);
+      release(empty_k(it % kStages));
+      if (n_blocks == 1) release(empty_q);
+      softmax_step(0);
+      accum_to_a_frags<T>(p_frags, acc_s);
+      for (int i = 1; i < n_blocks; ++i) {
+        turns.wait();
+        issue_qk(it + i);
+        OnlineSoftmax<1>::rescale(o, alpha);
+        issue_pv(it + i - 1);
+        turns.pass();
+        wgmma_wait<1>();
+        pin_registers(s_regs);
+        release(empty_k((it + i) % kStages));
+        if (i == n_blocks - 1) release(empty_q);
+        softmax_step(i);
+        wgmma_wait<0>();
+        pin_registers(o_regs);
+        release(empty_v((it + i - 1) % kStages));
+        accum_to_a_frags<T>(p_frags, acc_s);
+      }
+      OnlineSoftmax<1>::rescale(o, alpha);
+      turns.wait();
+      issue_pv(it + n_blocks - 1);
+      turns.pass();
+      wgmma_wait<0>();
+      pin_registers(o_regs);
+      release(empty_v((it + n_blocks - 1) % kStages));
+      it += n_blocks;
+      ++tiles_done;
+    }
+
+    float lse[1][2];
+    softmax.finalize(o, p.softmax_scale, lse);
+
+    // Epilogue: each thread writes its pairs of columns straight to global
+    // memory, so the next tile's products start right away.
+    const int64_t row_stride = int64_t(sh.heads) * kD;
+    T* out = static_cast<T*>(p.out) + (int64_t(bi.batch) * sh.seq_q + m0) * row_stride +
+             bi.head * kD;
+    float* lse_out = p.lse + (int64_t(bi.batch) * sh.heads + bi.head) * sh.seq_q + m0;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
-    if (m0 + row >= sh.seq_q) continue;
-    T* dst = out + row * row_stride;
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
+      if (m0 + row >= sh.seq_q) continue;
+      T* dst = out + row * row_stride;
 #pragma unroll
-    for (int nt = 0; nt < K::AccO::kNT; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + K::AccO::col(nt, 0, lane)) =
-          pack2<T>(o.x[0][nt][2 * h], o.x[0][nt][2 * h + 1]);
-    if ((lane & 3) == 0) lse_out[row] = lse[0][h];
+      for (int nt = 0; nt < K::AccO::kNT; ++nt)
+        *reinterpret_cast<uint32_t*>(dst + K::AccO::col(nt, 0, lane)) =
+            pack2<T>(o.x[0][nt][2 * h], o.x[0][nt][2 * h + 1]);
+      if ((lane & 3) == 0) lse_out[row] = lse[0][h];
+    }
   }
+  if (took_turns) turns.finish();
 }
 
 template <typename T, int kD>
@@ -222,9 +323,10 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_kernel<T, kD>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid = block_grid((sh.seq_q + K::kBlockM - 1) / K::kBlockM, sh.heads, sh.batch,
-                               p.causal);
-  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
+  const TileOrder order{(sh.seq_q + K::kBlockM - 1) / K::kBlockM, sh.heads, sh.batch, p.causal};
+  int sms = 0;
+  if ((err = multiprocessor_count(&sms)) != cudaSuccess) return err;
+  kernel<<<std::min(order.count(), sms), K::kThreads, K::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -9,7 +9,7 @@ namespace jax_flash::sm90 {
 
 template <int kHeadDim>
 struct FwdTile;
-template <> struct FwdTile<64>  { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
+template <> struct FwdTile<64>  { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 3; };
 template <> struct FwdTile<128> { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
 template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 2, kConsumers = 2; };
 

@@ -1,7 +1,8 @@
-// Host side of TMA: tensor maps for [batch, seq, heads, head_dim] arrays, read
-// in boxes of `rows` sequence positions x 64 head-dim columns of one head with
-// the 128-byte swizzle (see sw128_desc in hopper.cuh). Positions past the
-// sequence end read as zeros.
+// Host side of the sm90 launchers: TMA tensor maps for [batch, seq, heads,
+// head_dim] arrays, read in boxes of `rows` sequence positions x 64 head-dim
+// columns of one head with the 128-byte swizzle (see sw128_desc in hopper.cuh;
+// positions past the sequence end read as zeros), and the multiprocessor count
+// that sizes a persistent grid.
 #pragma once
 
 #include <cuda.h>
@@ -45,6 +46,24 @@ inline cudaError_t make_tensor_map(CUtensorMap* map, DType dtype, const void* da
       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Multiprocessors of the current device (the grid of a persistent kernel),
+// read once per device.
+inline cudaError_t multiprocessor_count(int* count) {
+  constexpr int kMaxDevices = 64;
+  static int counts[kMaxDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device >= kMaxDevices)
+    return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+  if (counts[device] == 0 &&
+      (err = cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device)) !=
+          cudaSuccess)
+    return err;
+  *count = counts[device];
+  return cudaSuccess;
 }
 
 }  // namespace jax_flash::sm90
