@@ -1,13 +1,13 @@
 // FlashAttention-2 backward on the sm80 instruction set, in three launches:
-//   1. preprocess: delta = rowsum(dO * O) - dlse (the lse cotangent enters here,
-//      since d lse / d s = p) and zero the fp32 dQ accumulator;
+//   1. preprocess (bwd_passes.cuh): delta = rowsum(dO * O) - dlse and a zeroed
+//      fp32 dQ accumulator;
 //   2. main: one block per (key block, kv head, batch). K and V stay in shared
 //      memory, dK and dV in registers, while the block walks the query blocks of
 //      every query head of its GQA group (so the group's dK/dV are summed here,
 //      never materialized per query head). Per query block it recomputes
 //      P^T = exp(S^T - lse) from the saved lse, forms dS^T = P^T * (dP^T - delta)
 //      and adds its share of dQ into the fp32 accumulator with atomics;
-//   3. convert: dq = scale * dq_accum in the input dtype.
+//   3. convert (bwd_passes.cuh): dq = scale * dq_accum in the input dtype.
 // Causal query blocks that cannot see the key block are skipped, not masked.
 #pragma once
 
@@ -16,65 +16,13 @@
 #include <algorithm>
 
 #include "../common/block_order.cuh"
+#include "../common/bwd_passes.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
 #include "tile_sizes.h"
 
 namespace jax_flash::sm80 {
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-// One thread per 16-byte chunk of a row; a row's chunks share a warp.
-template <typename T, int kD>
-__global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const BwdParams p) {
-  constexpr int kChunks = kD / 8;
-  constexpr int kRowsPerBlock = 256 / kChunks;
-  const AttentionShape& sh = p.shape;
-  const int row = blockIdx.x * kRowsPerBlock + threadIdx.x / kChunks;
-  const int chunk = threadIdx.x % kChunks;
-  const int head = blockIdx.y, batch = blockIdx.z;
-  const bool valid = row < sh.seq_q;
-  const int64_t offset = ((int64_t(batch) * sh.seq_q + row) * sh.heads + head) * kD + chunk * 8;
-  float dot = 0.f;
-  if (valid) {
-    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + offset);
-    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + offset);
-    const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o);
-    const uint32_t* d2 = reinterpret_cast<const uint32_t*>(&d);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 a = unpack2<T>(o2[i]), b = unpack2<T>(d2[i]);
-      dot = fmaf(a.x, b.x, fmaf(a.y, b.y, dot));
-    }
-    float4* acc = reinterpret_cast<float4*>(p.dq_accum + offset);
-    acc[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-    acc[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-#pragma unroll
-  for (int s = kChunks / 2; s > 0; s /= 2) dot += __shfl_xor_sync(0xffffffff, dot, s);
-  if (valid && chunk == 0) {
-    const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
-    p.delta[r] = dot - p.dlse[r];
-  }
-}
-
-template <typename T, int kD>
-__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdParams p) {
-  const int64_t n_chunks = int64_t(p.shape.batch) * p.shape.seq_q * p.shape.heads * kD / 8;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n_chunks;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float4* src = reinterpret_cast<const float4*>(p.dq_accum) + 2 * i;
-    const float4 a = src[0], b = src[1];
-    const float s = p.softmax_scale;
-    uint4 out;
-    out.x = pack2<T>(a.x * s, a.y * s);
-    out.y = pack2<T>(a.z * s, a.w * s);
-    out.z = pack2<T>(b.x * s, b.y * s);
-    out.w = pack2<T>(b.z * s, b.w * s);
-    reinterpret_cast<uint4*>(p.dq)[i] = out;
-  }
-}
 
 template <typename T, int kD>
 struct BwdKernel {
@@ -270,9 +218,7 @@ template <typename T, int kD>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using K = BwdKernel<T, kD>;
   const AttentionShape& sh = p.shape;
-  constexpr int kPreRows = 256 / (kD / 8);
-  flash_bwd_preprocess_kernel<T, kD>
-      <<<dim3((sh.seq_q + kPreRows - 1) / kPreRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
+  launch_bwd_preprocess<T, kD>(p, stream);
 
   auto kernel = flash_bwd_kernel<T, kD>;
   cudaError_t err =
@@ -281,9 +227,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   kernel<<<block_grid((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch, p.causal),
            K::kThreads, K::kSmemBytes, stream>>>(p);
 
-  const int64_t chunks = int64_t(sh.batch) * sh.seq_q * sh.heads * kD / 8;
-  const int blocks = int(std::min<int64_t>((chunks + 255) / 256, 65536));
-  flash_bwd_convert_dq_kernel<T, kD><<<blocks, 256, 0, stream>>>(p);
+  launch_bwd_convert_dq<T, kD>(p, stream);
   return cudaGetLastError();
 }
 

@@ -57,15 +57,11 @@ struct FwdKernel {
       ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8) > 240
           ? 240
           : ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8);
+  static_assert(register_split_fits<kThreads, kConsumers, kProducerRegs, kConsumerRegs>());
   using AccS = Accum<1, kBlockN / 8>;
   using AccO = Accum<1, kD / 8>;
   static_assert(kD % 64 == 0 && kBlockN % 64 == 0, "tiles are whole 64-column panels");
 };
-
-template <int kRegs, typename Acc>
-__device__ __forceinline__ float (&flat(Acc& acc))[kRegs] {
-  return reinterpret_cast<float(&)[kRegs]>(acc.x);
-}
 
 // Round-robin turns of the consumer warpgroups at the tensor cores, on named
 // barriers 1..kN: warpgroup c waits at barrier 1 + c before issuing its
@@ -196,7 +192,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
       const uint32_t k_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      Wgmma<T, kBlockN>::template ss<0>(s_regs, q_desc + (q_off >> 4), k_desc + (k_off >> 4),
+      Wgmma<T, kBlockN>::template ss<0, 0>(s_regs, q_desc + (q_off >> 4), k_desc + (k_off >> 4),
                                         kk > 0);
     }
     wgmma_commit();

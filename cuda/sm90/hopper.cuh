@@ -84,6 +84,19 @@ __device__ __forceinline__ void pin_registers(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// An accumulator tile (Accum in warp_gemm.cuh) as the flat register list a
+// wgmma takes.
+template <int kRegs, typename Acc>
+__device__ __forceinline__ float (&flat(Acc& acc))[kRegs] {
+  return reinterpret_cast<float(&)[kRegs]>(acc.x);
+}
+
+// Orders this thread's ordinary shared-memory writes before later reads by the
+// async proxy (wgmma operands, TMA stores); a barrier must follow.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // --- Shared-memory matrix descriptors, 128-byte swizzle.
 //
 // Tiles are stored in panels of 64 16-bit columns: rows of 128 bytes, 16-byte
@@ -100,6 +113,15 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo_bytes
 }
 
 // --- Warp specialization.
+
+// setmaxnreg moves registers within the block's own allocation (65536 / threads
+// per thread at launch, rounded down to 8): the consumers may grow by at most
+// what the producer warpgroup gives up, or their setmaxnreg.inc waits forever.
+template <int kThreads, int kConsumers, int kProducerRegs, int kConsumerRegs>
+constexpr bool register_split_fits() {
+  constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+  return (kLaunchRegs - kProducerRegs) * 128 >= (kConsumerRegs - kLaunchRegs) * 128 * kConsumers;
+}
 
 template <int kRegs>
 __device__ __forceinline__ void regs_grow() {

@@ -3,6 +3,8 @@
 // Forward: one producer warpgroup feeds K/V tiles through kStages shared-memory
 // buffers; kConsumers warpgroups each own 64 of the block's kBlockM queries and
 // walk the keys kBlockN at a time.
+// Backward: two consumer warpgroups each own 64 of the block's 128 keys and walk
+// the queries kBlockM at a time, Q/dO tiles arriving through kStages buffers.
 #pragma once
 
 namespace jax_flash::sm90 {
@@ -12,5 +14,10 @@ struct FwdTile;
 template <> struct FwdTile<64>  { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 3; };
 template <> struct FwdTile<128> { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
 template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 2, kConsumers = 2; };
+
+template <int kHeadDim>
+struct BwdTile;
+template <> struct BwdTile<64>  { static constexpr int kBlockM = 64, kStages = 2; };
+template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; };
 
 }  // namespace jax_flash::sm90

@@ -1,0 +1,331 @@
+// FlashAttention backward on Hopper, between the preprocess and dQ-convert
+// passes of bwd_passes.cuh. One block per (128-key block, kv head, batch):
+// K and V are loaded once by TMA; the block walks the query blocks of every
+// query head of its GQA group (so the group's dK/dV are summed in registers),
+// with Q and dO arriving by TMA and lse/delta by one producer warp through a
+// ring of kStages buffers. Two consumer warpgroups each own 64 of the keys:
+//   S^T = K Q^T, dP^T = V dO^T          (wgmma, both operands in shared memory)
+//   P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)          (registers)
+//   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
+//   dQ += dS K                          (dS^T of both warpgroups via shared
+//                                        memory; each adds half of dQ's
+//                                        columns into the fp32 accumulator)
+// Causal query blocks that cannot see the key block are skipped, not masked.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "../common/block_order.cuh"
+#include "../common/bwd_passes.cuh"
+#include "../common/mask.cuh"
+#include "../common/warp_gemm.cuh"
+#include "../params.h"
+#include "hopper.cuh"
+#include "host.h"
+#include "tile_sizes.h"
+#include "wgmma.cuh"
+
+namespace jax_flash::sm90 {
+
+struct BwdArgs {
+  CUtensorMap q, k, v, dout;
+  BwdParams p;
+};
+
+template <typename T, int kD>
+struct BwdKernel {
+  using Tile = BwdTile<kD>;
+  static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
+  static constexpr int kBlockN = 128;  // two consumer warpgroups of 64 keys
+  static constexpr int kThreads = 384;
+  static constexpr int kPanels = kD / 64;
+  static constexpr int kKVBytes = kBlockN * kD * 2;
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kDSBytes = kBlockN * kBlockM * 2;
+  // Shared memory: K, V, the stages (Q, dO, lse, delta), two dS^T buffers, barriers.
+  static constexpr int kStageBytes = 2 * kQBytes + 1024;
+  static constexpr int kVOffset = kKVBytes;
+  static constexpr int kStageOffset = 2 * kKVBytes;
+  static constexpr int kDSOffset = kStageOffset + kStages * kStageBytes;
+  static constexpr int kBarOffset = kDSOffset + 2 * kDSBytes;
+  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
+  static constexpr int kDQCols = kD / 2;  // each warpgroup's share of dQ
+  using AccS = Accum<1, kBlockM / 8>;
+  using AccKV = Accum<1, kD / 8>;
+  using AccQ = Accum<1, kDQCols / 8>;
+  static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
+    flash_bwd_kernel(const __grid_constant__ BwdArgs args) {
+  using K = BwdKernel<T, kD>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
+  const BwdParams& p = args.p;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sK = smem, sV = smem + K::kVOffset;
+  auto sQ = [&](int s) { return smem + K::kStageOffset + s * K::kStageBytes; };
+  auto sdO = [&](int s) { return sQ(s) + K::kQBytes; };
+  // lse * log2(e) (+inf for rows that take no part) and delta of a stage's queries.
+  auto stage_stats = [&](int s) {
+    return reinterpret_cast<float*>(smem_raw + (sdO(s) + K::kQBytes - smem_u32(smem_raw)));
+  };
+  auto sdS = [&](int b) { return smem + K::kDSOffset + b * K::kDSBytes; };
+  const uint32_t full_kv = smem + K::kBarOffset;
+  auto full = [&](int s) { return full_kv + 8 * (1 + s); };
+  auto empty = [&](int s) { return full_kv + 8 * (1 + kStages + s); };
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warpgroup = warp >> 2;
+  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/false);
+  const int kv_head = bi.head, batch = bi.batch;
+  const int n0 = bi.tile * kBlockN;
+  const int group = sh.heads / sh.kv_heads;
+  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const int m_begin = mask.first_query(n0) / kBlockM;
+  const int m_count = (sh.seq_q + kBlockM - 1) / kBlockM - m_begin;
+  const int steps = group * m_count;
+  auto step_head = [&](int step) { return kv_head * group + step / m_count; };
+  auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+
+  if (tid == 0) {
+    mbar_init(full_kv, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
+      mbar_init(empty(s), 8);      // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    regs_shrink<K::kProducerRegs>();
+    if (warp == 0 && lane == 0 && steps > 0) {
+      mbar_arrive_expect_tx(full_kv, 2 * K::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < K::kPanels; ++c) {
+        tma_load_4d(sK + c * kBlockN * 128, &args.k, full_kv, c * 64, kv_head, n0, batch);
+        tma_load_4d(sV + c * kBlockN * 128, &args.v, full_kv, c * 64, kv_head, n0, batch);
+      }
+      for (int step = 0; step < steps; ++step) {
+        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(full(s), 2 * K::kQBytes);
+#pragma unroll
+        for (int c = 0; c < K::kPanels; ++c) {
+          tma_load_4d(sQ(s) + c * kBlockM * 128, &args.q, full(s), c * 64, head, m0, batch);
+          tma_load_4d(sdO(s) + c * kBlockM * 128, &args.dout, full(s), c * 64, head, m0, batch);
+        }
+      }
+    } else if (warp == 1) {
+      for (int step = 0; step < steps; ++step) {
+        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
+        float* stats = stage_stats(s);
+        for (int i = lane; i < kBlockM; i += 32) {
+          const int row = m0 + i;
+          const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
+          const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
+          stats[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
+          stats[kBlockM + i] = row < sh.seq_q ? p.delta[r] : 0.f;
+        }
+        mbar_arrive(full(s));
+      }
+    }
+    return;
+  }
+
+  regs_grow<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int key_row0 = consumer * 64 + (warp & 3) * 16;  // this warp's first key in the block
+  const float scale_log2 = p.softmax_scale * kLog2e;
+
+  typename K::AccKV dk, dv;
+  dk.zero();
+  dv.zero();
+  auto& dk_regs = flat<K::AccKV::kNT * 4>(dk);
+  auto& dv_regs = flat<K::AccKV::kNT * 4>(dv);
+
+  // Descriptors at k step 0 (later steps add their byte offset / 16).
+  //   K-major, rows = this warpgroup's keys: K and V for S^T and dP^T.
+  const uint64_t k_rows_desc = sw128_desc(sK + consumer * 64 * 128, 16);
+  const uint64_t v_rows_desc = sw128_desc(sV + consumer * 64 * 128, 16);
+  //   N-major, rows = all 128 keys, columns = this warpgroup's half of head_dim: K for dQ.
+  const uint32_t dq_col_offset = K::kDQCols >= 64
+                                     ? consumer * (K::kDQCols / 64) * kBlockN * 128
+                                     : consumer * K::kDQCols * 2;
+  const uint64_t k_cols_desc = sw128_desc(sK + dq_col_offset, kBlockN * 128);
+
+  if (steps > 0) mbar_wait(full_kv, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+    mbar_wait(full(s), (step / kStages) & 1);
+
+    // S^T and dP^T, rows = keys, cols = queries.
+    typename K::AccS st, dpt;
+    auto& st_regs = flat<K::AccS::kNT * 4>(st);
+    auto& dpt_regs = flat<K::AccS::kNT * 4>(dpt);
+    const uint64_t q_desc = sw128_desc(sQ(s), 16), do_desc = sw128_desc(sdO(s), 16);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t kv_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      Wgmma<T, kBlockM>::template ss<0, 0>(st_regs, k_rows_desc + (kv_off >> 4),
+                                           q_desc + (q_off >> 4), kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t kv_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      Wgmma<T, kBlockM>::template ss<0, 0>(dpt_regs, v_rows_desc + (kv_off >> 4),
+                                           do_desc + (q_off >> 4), kk > 0);
+    }
+    wgmma_commit();
+
+    // P^T while dP^T is still being computed.
+    const float* lse = stage_stats(s);
+    const float* delta = lse + kBlockM;
+    const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
+    wgmma_wait<1>();
+    pin_registers(st_regs);
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = key_row0 + K::AccS::row(0, i, lane);
+        const int query = K::AccS::col(nt, i, lane);
+        float pv = fast_exp2(fmaf(st.x[0][nt][i], scale_log2, -lse[query]));
+        if (need_mask && !mask.visible(m0 + query, n0 + key)) pv = 0.f;
+        st.x[0][nt][i] = pv;
+      }
+    wgmma_wait<0>();
+    pin_registers(dpt_regs);
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - delta[K::AccS::col(nt, i, lane)]);
+
+    uint32_t p_frags[1][kBlockM / 16][4], ds_frags[1][kBlockM / 16][4];
+    accum_to_a_frags<T>(p_frags, st);
+    accum_to_a_frags<T>(ds_frags, dpt);
+
+    // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled),
+    // where the dQ product reads it as an M-major operand.
+    const uint32_t ds_buf = sdS(step & 1);
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = key_row0 + K::AccS::row(0, 2 * h, lane);
+        const uint32_t addr = ds_buf + row * 128 + ((nt ^ (row & 7)) << 4) + (lane & 3) * 4;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
+      }
+    fence_async_shared();
+
+    // dV += P^T dO and dK += dS^T Q (N-major: rows of dO / Q are the k dim).
+    const uint64_t do_n_desc = sw128_desc(sdO(s), kBlockM * 128);
+    const uint64_t q_n_desc = sw128_desc(sQ(s), kBlockM * 128);
+    pin_registers(dv_regs);
+    pin_registers(dk_regs);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+      Wgmma<T, kD>::template rs<1>(dv_regs, p_frags[0][kk], do_n_desc + ((kk * 2048) >> 4), 1);
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+      Wgmma<T, kD>::template rs<1>(dk_regs, ds_frags[0][kk], q_n_desc + ((kk * 2048) >> 4), 1);
+    wgmma_commit();
+
+    // dQ[:, this warpgroup's columns] = dS K over all 128 keys, once both
+    // warpgroups' dS^T are in shared memory. (The buffer written next step was
+    // last read by the dQ product of the step before this one, which both
+    // warpgroups finished before meeting here.)
+    named_barrier_sync(1, 256);
+    typename K::AccQ dq;
+    auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
+    const uint64_t ds_desc = sw128_desc(ds_buf, kBlockN * 128);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs, ds_desc + ((kk * 2048) >> 4),
+                                              k_cols_desc + ((kk * 2048) >> 4), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_registers(dv_regs);
+    pin_registers(dk_regs);
+    pin_registers(dq_regs);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(s));
+
+    const int64_t q_row_stride = int64_t(sh.heads) * kD;
+    float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD +
+                      consumer * K::kDQCols + K::AccQ::col(0, 0, lane);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
+      if (m0 + row >= sh.seq_q) continue;
+      float* dst = dq_accum + row * q_row_stride;
+#pragma unroll
+      for (int nt = 0; nt < K::AccQ::kNT; ++nt)
+        atomic_add_f32x2(dst + nt * 8, dq.x[0][nt][2 * h], dq.x[0][nt][2 * h + 1]);
+    }
+  }
+
+  // Epilogue: dK picks up the softmax scale here; dV needs none.
+  const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
+  const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
+  T* dk_out = static_cast<T*>(p.dk) + kv_offset;
+  T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
+    if (n0 + row >= sh.seq_k) continue;
+#pragma unroll
+    for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
+      const int64_t off = row * kv_row_stride + K::AccKV::col(nt, 0, lane);
+      *reinterpret_cast<uint32_t*>(dk_out + off) = pack2<T>(
+          dk.x[0][nt][2 * h] * p.softmax_scale, dk.x[0][nt][2 * h + 1] * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(dv_out + off) =
+          pack2<T>(dv.x[0][nt][2 * h], dv.x[0][nt][2 * h + 1]);
+    }
+  }
+}
+
+template <typename T, int kD>
+cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
+  using K = BwdKernel<T, kD>;
+  const AttentionShape& sh = p.shape;
+  BwdArgs args;
+  args.p = p;
+  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
+  cudaError_t err;
+  if ((err = make_tensor_map(&args.q, dtype, p.q, sh.batch, sh.seq_q, sh.heads, kD,
+                             K::kBlockM)) != cudaSuccess ||
+      (err = make_tensor_map(&args.dout, dtype, p.dout, sh.batch, sh.seq_q, sh.heads, kD,
+                             K::kBlockM)) != cudaSuccess ||
+      (err = make_tensor_map(&args.k, dtype, p.k, sh.batch, sh.seq_k, sh.kv_heads, kD,
+                             K::kBlockN)) != cudaSuccess ||
+      (err = make_tensor_map(&args.v, dtype, p.v, sh.batch, sh.seq_k, sh.kv_heads, kD,
+                             K::kBlockN)) != cudaSuccess)
+    return err;
+  auto kernel = flash_bwd_kernel<T, kD>;
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  K::kSmemBytes)) != cudaSuccess)
+    return err;
+  launch_bwd_preprocess<T, kD>(p, stream);
+  kernel<<<block_grid((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch, p.causal),
+           K::kThreads, K::kSmemBytes, stream>>>(args);
+  launch_bwd_convert_dq<T, kD>(p, stream);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::sm90
