@@ -7,6 +7,11 @@ or the kernel library is not loaded.
 """
 
 import functools
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import unittest
 import zlib
 
@@ -299,6 +304,41 @@ class CudaBehaviourTest(parameterized.TestCase):
     for name, a, b in zip(("out", "lse"), default, cuda):
       np.testing.assert_array_equal(np.asarray(a, np.float32),
                                     np.asarray(b, np.float32), name)
+
+  @parameterized.parameters(64, 128, 256)
+  def test_sm80_kernels_agree_with_the_default_family(self, head_dim):
+    """On Hopper the default is the sm90 family; JAX_FLASH_KERNELS=sm80 (read
+    once per process, hence the subprocess) runs the sm80 one. Both must agree
+    up to rounding, forward and backward, causal with GQA and ragged lengths."""
+    here = pathlib.Path(__file__).resolve().parent
+    script = f"""
+import sys
+sys.path.insert(0, {str(here)!r})
+import jax, jax.numpy as jnp, numpy as np
+import jax_flash, util
+q, k, v, dout, dlse = util.random_inputs(7, batch=2, seq_q=517, seq_k=901, num_heads=8,
+                                         num_kv_heads=2, head_dim={head_dim},
+                                         dtype=jnp.bfloat16)
+fn = lambda q, k, v: jax_flash.flash_attention(q, k, v, causal=True, return_lse=True,
+                                               implementation="cuda")
+(out, lse), vjp = jax.vjp(fn, q, k, v)
+results = (out, lse, *vjp((dout, dlse)))
+np.savez(sys.argv[1], *[np.asarray(x, np.float32) for x in results])
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+      paths = {}
+      for family in ("default", "sm80"):
+        env = dict(os.environ)
+        env.pop("JAX_FLASH_KERNELS", None)
+        if family == "sm80":
+          env["JAX_FLASH_KERNELS"] = "sm80"
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        paths[family] = os.path.join(tmp, f"{family}.npz")
+        subprocess.run([sys.executable, "-c", script, paths[family]], env=env, check=True,
+                       timeout=240)
+      default, sm80 = np.load(paths["default"]), np.load(paths["sm80"])
+      for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        _assert_same_up_to_rounding(self, name, default[f"arr_{i}"], sm80[f"arr_{i}"])
 
   def test_cuda_rejects_float32_inputs(self):
     q, k, v, _, _ = self._inputs(dtype=jnp.float32)
