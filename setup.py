@@ -6,7 +6,9 @@ has no Python ABI, so one build serves every Python version. Without nvcc the
 package installs the portable path only.
 
 Environment variables:
-  JAX_FLASH_CUDA_ARCHS   compute capabilities to compile for (default "80;90")
+  JAX_FLASH_CUDA_ARCHS   compute capabilities to compile for (default "80;90"); the
+                         sm80 kernels are built for each, and with 90 the sm90
+                         kernels for sm_90a
   JAX_FLASH_HEAD_DIMS    native head dims to compile (default "64,128,256")
   JAX_FLASH_DTYPES       element types to compile (default "bf16,f16")
   JAX_FLASH_BUILD_JOBS   parallel compiler processes (default: CPU count)
