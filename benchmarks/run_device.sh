@@ -4,7 +4,11 @@
 # CUDA kernels load, run the GPU tests, run the benchmark sweep, and print the
 # benchmark's markdown table last.
 #
-#   bash benchmarks/run_device.sh [--skip-tests] [--skip-bench] [BENCH FLAGS...]
+#   bash benchmarks/run_device.sh [--skip-tests] [--skip-bench] [--sm80-tests]
+#                                 [BENCH FLAGS...]
+#
+# --sm80-tests runs the GPU tests a second time with JAX_FLASH_KERNELS=sm80, so
+# that on Hopper the sm80 kernel family is tested as well as the default one.
 #
 # Every other argument goes to benchmarks/bench_attention.py, e.g.
 #   bash benchmarks/run_device.sh --skip-tests --quick --seqs 4096
@@ -18,8 +22,8 @@
 #   DEADLINE_S    seconds this whole script may take (default 570); the
 #                 benchmark starts no new cell past it, so its table is written
 #
-# Writes $OUT/env.txt, $OUT/gpu_tests.log, $OUT/bench.log and the benchmark's
-# <gpu>-<date>.jsonl and .md.
+# Writes $OUT/env.txt, $OUT/gpu_tests.log (and gpu_tests_sm80.log),
+# $OUT/bench.log and the benchmark's <gpu>-<date>.jsonl and .md.
 
 set -uo pipefail
 
@@ -31,11 +35,13 @@ mkdir -p "$OUT"
 
 skip_tests="${SKIP_TESTS:-0}"
 skip_bench="${SKIP_BENCH:-0}"
+families=(default)
 bench_args=()
 for arg in "$@"; do
   case "$arg" in
     --skip-tests) skip_tests=1 ;;
     --skip-bench) skip_bench=1 ;;
+    --sm80-tests) families=(default sm80) ;;
     *) bench_args+=("$arg") ;;
   esac
 done
@@ -69,26 +75,38 @@ fi
 tests_status="skipped"
 tests_rc=0
 if [[ "$skip_tests" != 1 ]]; then
-  section "GPU tests"
-  # shellcheck disable=SC2086  # PYTEST_FLAGS is a list of words
-  # Compilation, not the kernels, dominates the test time: run the cases in
-  # several processes sharing the GPU (no preallocation) and skip GEMM autotuning
-  # of the references.
-  XLA_PYTHON_CLIENT_PREALLOCATE=false \
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
-  timeout "${TEST_TIMEOUT_S:-300}" python -m pytest -q -rs -n "${TEST_WORKERS:-8}" \
-      ${PYTEST_FLAGS:-} tests/test_attention_gpu.py 2>&1 \
-      | tee "$OUT/gpu_tests.log"
-  tests_rc=$?
-  last_line="$(grep -E '(passed|failed|error|skipped|no tests ran)' \
-      "$OUT/gpu_tests.log" | tail -n 1)"
-  if [[ $tests_rc == 0 ]]; then
-    tests_status="passed: $last_line"
-  elif [[ $tests_rc == 124 ]]; then
-    tests_status="TIMED OUT after ${TEST_TIMEOUT_S:-300} s"
-  else
-    tests_status="FAILED (rc $tests_rc): $last_line"
-  fi
+  tests_status=""
+  for family in "${families[@]}"; do
+    if [[ $family == default ]]; then
+      section "GPU tests"
+      log="$OUT/gpu_tests.log"
+      kernels=""
+    else
+      section "GPU tests, JAX_FLASH_KERNELS=$family"
+      log="$OUT/gpu_tests_$family.log"
+      kernels="$family"
+    fi
+    # shellcheck disable=SC2086  # PYTEST_FLAGS is a list of words
+    # Compilation, not the kernels, dominates the test time: run the cases in
+    # several processes sharing the GPU (no preallocation) and skip GEMM
+    # autotuning of the references.
+    JAX_FLASH_KERNELS="$kernels" \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
+    timeout "${TEST_TIMEOUT_S:-300}" python -m pytest -q -rs -n "${TEST_WORKERS:-8}" \
+        ${PYTEST_FLAGS:-} tests/test_attention_gpu.py 2>&1 | tee "$log"
+    rc=$?
+    last_line="$(grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -n 1)"
+    if [[ $rc == 0 ]]; then
+      status="passed: $last_line"
+    elif [[ $rc == 124 ]]; then
+      status="TIMED OUT after ${TEST_TIMEOUT_S:-300} s"
+    else
+      status="FAILED (rc $rc): $last_line"
+    fi
+    (( rc != 0 )) && tests_rc=$rc
+    tests_status+="${tests_status:+; }$family kernels $status"
+  done
 fi
 
 bench_rc=0
