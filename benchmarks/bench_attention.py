@@ -15,8 +15,10 @@ FLOPs: forward 4*b*h*sq*sk*d (halved when causal), forward+backward 3.5x that.
 Memory: temp bytes of the compiled executable (`memory_analysis()`), known even
 where running it would not fit.
 
-Writes <out-dir>/<name>.jsonl (one row per peer and cell) and <name>.md (the
-table and summary), and prints the table last.
+Writes <out-dir>/<name>.jsonl (one row per peer and cell), <name>.md (the
+table and summary) and, with cuDNN among the peers, <name>.png (jax_flash over
+cuDNN for every cell), and prints the table last. `--plot-from <name>.jsonl`
+redraws the plot of an earlier run.
 
   python benchmarks/bench_attention.py                         # full sweep
   python benchmarks/bench_attention.py --seqs 4096 --head-dims 128 --modes fwd
@@ -323,6 +325,47 @@ def summary_lines(rows):
   return out
 
 
+def ratio_plot(rows, path: pathlib.Path, title: str):
+  """jax_flash / cuDNN for every cell: one panel per mode and head dim, x the
+  sequence length, a line each for causal and full, each point labelled."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  idx = _index(rows)
+  modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+  dims = sorted({r["d"] for r in rows})
+  fig, axes = plt.subplots(len(modes), len(dims), squeeze=False, sharey=True,
+                           figsize=(3.6 * len(dims), 3.0 * len(modes)))
+  for i, mode in enumerate(modes):
+    for j, d in enumerate(dims):
+      ax = axes[i][j]
+      seqs = sorted({r["s"] for r in rows if r["mode"] == mode and r["d"] == d})
+      # Labels above the full line's points, below the causal line's.
+      for causal, style, dy in ((False, "o-", 5), (True, "s--", -11)):
+        points = [(s, _ratio(idx.get(("jax_flash", mode, causal, d, s)),
+                             idx.get(("cudnn", mode, causal, d, s)))) for s in seqs]
+        points = [(s, r) for s, r in points if r is not None]
+        if not points:
+          continue
+        ax.plot(*zip(*points), style, label="causal" if causal else "full")
+        for s, r in points:
+          ax.annotate(f"{r:.2f}", (s, r), textcoords="offset points", xytext=(0, dy),
+                      ha="center", fontsize=7)
+      ax.axhline(1.0, color="gray", lw=0.8)
+      ax.set_xscale("log", base=2)
+      ax.set_title(f"{mode}, head_dim {d}", fontsize=9)
+      ax.grid(alpha=0.3)
+      if i == len(modes) - 1:
+        ax.set_xlabel("sequence length")
+      if j == 0:
+        ax.set_ylabel("jax_flash / cuDNN")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _default_name() -> str:
   kind = jax.devices()[0].device_kind
   slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "device"
@@ -375,6 +418,9 @@ def parse_args(argv=None):
                  help="start no new cell after this many seconds (0: no limit)")
   p.add_argument("--allow-cpu", action="store_true",
                  help="run without a GPU (smoke test of this script)")
+  p.add_argument("--plot-from", type=pathlib.Path, default=None, metavar="JSONL",
+                 help="only draw the ratio plot of an earlier run (<stem>.png "
+                      "beside it); needs no GPU")
   args = p.parse_args(argv)
   if args.seqs is None:
     args.seqs = ([1024, 4096, 16384] if args.quick else
@@ -384,6 +430,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.plot_from is not None:
+    rows = [json.loads(line) for line in args.plot_from.read_text().splitlines() if line]
+    png = args.plot_from.with_suffix(".png")
+    ratio_plot(rows, png, f"jax_flash / cuDNN ({args.plot_from.stem})")
+    print(f"wrote {png}")
+    return
   device = jax.devices()[0]
   if device.platform != "gpu" and not args.allow_cpu:
     sys.exit(f"no GPU visible to JAX (found {device}); pass --allow-cpu to "
@@ -428,6 +480,9 @@ def main(argv=None):
     if len(errors) > shown:
       md.append(f"- ... {len(errors) - shown} more in {jsonl_path.name}")
   md_path.write_text("\n".join(md) + "\n")
+  png_path = args.out_dir / f"{name}.png"
+  if any(r["peer"] == "cudnn" for r in rows):
+    ratio_plot(rows, png_path, f"jax_flash / cuDNN, {device.device_kind}")
 
   print(f"\nwrote {jsonl_path} and {md_path} ({elapsed:.0f} s)\n")
   for line in summary:
