@@ -3,11 +3,12 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "device_info.h"
+
 namespace jax_flash {
 namespace {
 
 constexpr int kNumHeadDims = sizeof(kNativeHeadDims) / sizeof(kNativeHeadDims[0]);
-constexpr int kMaxDevices = 64;
 
 int head_dim_index(int head_dim) {
   for (int i = 0; i < kNumHeadDims; ++i)
@@ -35,19 +36,6 @@ Launcher get(Arch arch, DType dtype, int head_dim) {
   return i < 0 ? nullptr : table<Launcher>()[static_cast<int>(arch)][static_cast<int>(dtype)][i];
 }
 
-// Compute capability major of a device, read once per device.
-int capability_major(int device) {
-  static int majors[kMaxDevices] = {};  // 0: not read yet
-  if (device < 0 || device >= kMaxDevices) return 0;
-  if (majors[device] == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-      return 0;
-    majors[device] = major;
-  }
-  return majors[device];
-}
-
 bool sm80_forced() {
   static const bool forced = [] {
     const char* v = std::getenv("JAX_FLASH_KERNELS");
@@ -65,8 +53,10 @@ BwdLauncher find_bwd(Arch a, DType d, int h) { return get<BwdLauncher>(a, d, h);
 
 int preferred_archs(Arch (&archs)[kNumArchs]) {
   int n = 0;
-  int device = 0;
-  if (!sm80_forced() && cudaGetDevice(&device) == cudaSuccess && capability_major(device) == 9)
+  int major = 0;
+  if (!sm80_forced() &&
+      current_device_attribute<cudaDevAttrComputeCapabilityMajor>(&major) == cudaSuccess &&
+      major == 9)
     archs[n++] = Arch::kSm90;
   archs[n++] = Arch::kSm80;
   return n;

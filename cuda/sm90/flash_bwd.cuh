@@ -8,14 +8,12 @@
 //   P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)          (registers)
 //   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
 //   dQ += dS K                          (dS^T of both warpgroups via shared
-//                                        memory; each adds its half of dQ
-//                                        into the fp32 accumulator)
+//                                        memory; each adds half of dQ's
+//                                        columns into the fp32 accumulator)
 // Causal query blocks that cannot see the key block are skipped, not masked.
 #pragma once
 
 #include <cuda_runtime.h>
-
-#include <type_traits>
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
@@ -53,14 +51,11 @@ struct BwdKernel {
   static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
-  // Each warpgroup's share of dQ: with 128 queries per step its own 64 rows
-  // (one panel of dS^T), with 64 half of the columns.
-  static constexpr bool kDQByRows = kBlockM == 128;
-  static constexpr int kDQCols = kDQByRows ? kD : kD / 2;
+  static constexpr int kDQCols = kD / 2;  // each warpgroup's share of dQ
   using AccS = Accum<1, kBlockM / 8>;
   using AccKV = Accum<1, kD / 8>;
   using AccQ = Accum<1, kDQCols / 8>;
-  static_assert(kBlockM == 64 || kBlockM == 128, "dS^T is stored in panels of 64 queries");
+  static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
 };
 
 template <typename T, int kD>
@@ -160,12 +155,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const uint64_t k_rows_desc = sw128_desc(sK + consumer * 64 * 128, 16);
   const uint64_t v_rows_desc = sw128_desc(sV + consumer * 64 * 128, 16);
   //   N-major, rows = all 128 keys, columns = this warpgroup's dQ columns: K for dQ.
-  const uint32_t dq_col_offset = K::kDQByRows      ? 0
-                                 : K::kDQCols >= 64 ? consumer * (K::kDQCols / 64) * kBlockN * 128
-                                                    : consumer * K::kDQCols * 2;
+  const uint32_t dq_col_offset = K::kDQCols >= 64
+                                     ? consumer * (K::kDQCols / 64) * kBlockN * 128
+                                     : consumer * K::kDQCols * 2;
   const uint64_t k_cols_desc = sw128_desc(sK + dq_col_offset, kBlockN * 128);
-  const int dq_row0 = (K::kDQByRows ? consumer * 64 : 0) + (warp & 3) * 16;
-  const int dq_col0 = K::kDQByRows ? 0 : consumer * K::kDQCols;
 
   if (steps > 0) mbar_wait(full_kv, 0);
   for (int step = 0; step < steps; ++step) {
@@ -223,16 +216,15 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     accum_to_a_frags<T>(p_frags, st);
     accum_to_a_frags<T>(ds_frags, dpt);
 
-    // dS^T -> shared memory (rows = keys; panels of 64 queries, 128-byte rows,
-    // swizzled), where the dQ product reads it as an M-major operand.
+    // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled),
+    // where the dQ product reads it as an M-major operand.
     const uint32_t ds_buf = sdS(step & 1);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = key_row0 + K::AccS::row(0, 2 * h, lane);
-        const uint32_t addr = ds_buf + (nt / 8) * kBlockN * 128 + row * 128 +
-                              (((nt % 8) ^ (row & 7)) << 4) + (lane & 3) * 4;
+        const uint32_t addr = ds_buf + row * 128 + ((nt ^ (row & 7)) << 4) + (lane & 3) * 4;
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
       }
     fence_async_shared();
@@ -251,15 +243,14 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       Wgmma<T, kD>::template rs<1>(dk_regs, ds_frags[0][kk], q_n_desc + ((kk * 2048) >> 4), 1);
     wgmma_commit();
 
-    // This warpgroup's share of dQ = dS K over all 128 keys, once both
+    // dQ[:, this warpgroup's columns] = dS K over all 128 keys, once both
     // warpgroups' dS^T are in shared memory. (The buffer written next step was
     // last read by the dQ product of the step before this one, which both
     // warpgroups finished before meeting here.)
     named_barrier_sync(1, 256);
     typename K::AccQ dq;
     auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
-    const uint64_t ds_desc =
-        sw128_desc(ds_buf + (K::kDQByRows ? consumer * kBlockN * 128 : 0), kBlockN * 128);
+    const uint64_t ds_desc = sw128_desc(ds_buf, kBlockN * 128);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk)
@@ -275,10 +266,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
     const int64_t q_row_stride = int64_t(sh.heads) * kD;
     float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD +
-                      dq_col0 + K::AccQ::col(0, 0, lane);
+                      consumer * K::kDQCols + K::AccQ::col(0, 0, lane);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = dq_row0 + K::AccQ::row(0, 2 * h, lane);
+      const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
       if (m0 + row >= sh.seq_q) continue;
       float* dst = dq_accum + row * q_row_stride;
 #pragma unroll
@@ -313,16 +304,11 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
   BwdArgs args;
   args.p = p;
-  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
   cudaError_t err;
-  if ((err = make_tensor_map(&args.q, dtype, p.q, sh.batch, sh.seq_q, sh.heads, kD,
-                             K::kBlockM)) != cudaSuccess ||
-      (err = make_tensor_map(&args.dout, dtype, p.dout, sh.batch, sh.seq_q, sh.heads, kD,
-                             K::kBlockM)) != cudaSuccess ||
-      (err = make_tensor_map(&args.k, dtype, p.k, sh.batch, sh.seq_k, sh.kv_heads, kD,
-                             K::kBlockN)) != cudaSuccess ||
-      (err = make_tensor_map(&args.v, dtype, p.v, sh.batch, sh.seq_k, sh.kv_heads, kD,
-                             K::kBlockN)) != cudaSuccess)
+  if ((err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
+      (err = query_tensor_map<T>(&args.dout, sh, p.dout, K::kBlockM)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
   auto kernel = flash_bwd_kernel<T, kD>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -16,7 +16,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "../common/block_order.cuh"
 #include "../common/mask.cuh"
@@ -54,9 +53,7 @@ struct FwdKernel {
   // over the consumers (a multiple of 8, at most 240 for the compiler's sake).
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs =
-      ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8) > 240
-          ? 240
-          : ((65536 / 128 - kProducerRegs) / kConsumers / 8 * 8);
+      std::min(240, (65536 / 128 - kProducerRegs) / kConsumers / 8 * 8);
   static_assert(register_split_fits<kThreads, kConsumers, kProducerRegs, kConsumerRegs>());
   using AccS = Accum<1, kBlockN / 8>;
   using AccO = Accum<1, kD / 8>;
@@ -307,21 +304,18 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
   FwdArgs args;
   args.p = p;
-  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
   cudaError_t err;
-  if ((err = make_tensor_map(&args.q, dtype, p.q, sh.batch, sh.seq_q, sh.heads, kD,
-                             K::kBlockM)) != cudaSuccess ||
-      (err = make_tensor_map(&args.k, dtype, p.k, sh.batch, sh.seq_k, sh.kv_heads, kD,
-                             K::kBlockN)) != cudaSuccess ||
-      (err = make_tensor_map(&args.v, dtype, p.v, sh.batch, sh.seq_k, sh.kv_heads, kD,
-                             K::kBlockN)) != cudaSuccess)
+  if ((err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
   auto kernel = flash_fwd_kernel<T, kD>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
   const TileOrder order{(sh.seq_q + K::kBlockM - 1) / K::kBlockM, sh.heads, sh.batch, p.causal};
   int sms = 0;
-  if ((err = multiprocessor_count(&sms)) != cudaSuccess) return err;
+  if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
+    return err;
   kernel<<<std::min(order.count(), sms), K::kThreads, K::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }

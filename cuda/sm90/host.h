@@ -1,16 +1,19 @@
 // Host side of the sm90 launchers: TMA tensor maps for [batch, seq, heads,
 // head_dim] arrays, read in boxes of `rows` sequence positions x 64 head-dim
 // columns of one head with the 128-byte swizzle (see sw128_desc in hopper.cuh;
-// positions past the sequence end read as zeros), and the multiprocessor count
-// that sizes a persistent grid.
+// positions past the sequence end read as zeros).
 #pragma once
 
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
 
-#include <cstdint>
+#include <cuda_bf16.h>
 
+#include <cstdint>
+#include <type_traits>
+
+#include "../device_info.h"
 #include "../params.h"
 
 namespace jax_flash::sm90 {
@@ -48,22 +51,25 @@ inline cudaError_t make_tensor_map(CUtensorMap* map, DType dtype, const void* da
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Multiprocessors of the current device (the grid of a persistent kernel),
-// read once per device.
-inline cudaError_t multiprocessor_count(int* count) {
-  constexpr int kMaxDevices = 64;
-  static int counts[kMaxDevices] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device >= kMaxDevices)
-    return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
-  if (counts[device] == 0 &&
-      (err = cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device)) !=
-          cudaSuccess)
-    return err;
-  *count = counts[device];
-  return cudaSuccess;
+template <typename T>
+constexpr DType dtype_of() {
+  return std::is_same_v<T, __nv_bfloat16> ? DType::kBF16 : DType::kF16;
+}
+
+// The [batch, seq_q, heads, head_dim] operands (q, dout) and the
+// [batch, seq_k, kv_heads, head_dim] ones (k, v) of element type T, in boxes of
+// `rows` positions.
+template <typename T>
+cudaError_t query_tensor_map(CUtensorMap* map, const AttentionShape& sh, const void* data,
+                             int rows) {
+  return make_tensor_map(map, dtype_of<T>(), data, sh.batch, sh.seq_q, sh.heads, sh.head_dim,
+                         rows);
+}
+template <typename T>
+cudaError_t key_tensor_map(CUtensorMap* map, const AttentionShape& sh, const void* data,
+                           int rows) {
+  return make_tensor_map(map, dtype_of<T>(), data, sh.batch, sh.seq_k, sh.kv_heads,
+                         sh.head_dim, rows);
 }
 
 }  // namespace jax_flash::sm90
