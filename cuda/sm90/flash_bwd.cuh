@@ -8,8 +8,10 @@
 //   P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)          (registers)
 //   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
 //   dQ += dS K                          (dS^T of both warpgroups via shared
-//                                        memory; each adds half of dQ's
-//                                        columns into the fp32 accumulator)
+//                                        memory; each computes half of dQ's
+//                                        columns into shared memory, and the
+//                                        TMA unit adds the tile into the fp32
+//                                        accumulator)
 // Causal query blocks that cannot see the key block are skipped, not masked.
 #pragma once
 
@@ -28,7 +30,7 @@
 namespace jax_flash::sm90 {
 
 struct BwdArgs {
-  CUtensorMap q, k, v, dout;
+  CUtensorMap q, k, v, dout, dq_accum;
   BwdParams p;
 };
 
@@ -42,12 +44,14 @@ struct BwdKernel {
   static constexpr int kKVBytes = kBlockN * kD * 2;
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;
-  // Shared memory: K, V, the stages (Q, dO, lse, delta), two dS^T buffers, barriers.
+  static constexpr int kDQBytes = kBlockM * kD * 4;  // a step's dQ, fp32
+  // Shared memory: K, V, the stages (Q, dO, lse, delta), two dS^T buffers, dQ, barriers.
   static constexpr int kStageBytes = 2 * kQBytes + 1024;
   static constexpr int kVOffset = kKVBytes;
   static constexpr int kStageOffset = 2 * kKVBytes;
   static constexpr int kDSOffset = kStageOffset + kStages * kStageBytes;
-  static constexpr int kBarOffset = kDSOffset + 2 * kDSBytes;
+  static constexpr int kDQOffset = kDSOffset + 2 * kDSBytes;
+  static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
@@ -74,6 +78,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     return reinterpret_cast<float*>(smem_raw + (sdO(s) + K::kQBytes - smem_u32(smem_raw)));
   };
   auto sdS = [&](int b) { return smem + K::kDSOffset + b * K::kDSBytes; };
+  const uint32_t sdQ = smem + K::kDQOffset;
   const uint32_t full_kv = smem + K::kBarOffset;
   auto full = [&](int s) { return full_kv + 8 * (1 + s); };
   auto empty = [&](int s) { return full_kv + 8 * (1 + kStages + s); };
@@ -246,7 +251,9 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     // dQ[:, this warpgroup's columns] = dS K over all 128 keys, once both
     // warpgroups' dS^T are in shared memory. (The buffer written next step was
     // last read by the dQ product of the step before this one, which both
-    // warpgroups finished before meeting here.)
+    // warpgroups finished before meeting here.) The previous step's dQ must
+    // have left sdQ as well.
+    if (tid == 128) bulk_wait_read();
     named_barrier_sync(1, 256);
     typename K::AccQ dq;
     auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
@@ -264,19 +271,31 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(empty(s));
 
-    const int64_t q_row_stride = int64_t(sh.heads) * kD;
-    float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD +
-                      consumer * K::kDQCols + K::AccQ::col(0, 0, lane);
+    // This step's dQ -> shared memory (fp32 in panels of 32 columns, 128-byte
+    // rows, swizzled), then one thread has the TMA unit add the tile into the
+    // fp32 accumulator (rows past the sequence are clipped).
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
-      if (m0 + row >= sh.seq_q) continue;
-      float* dst = dq_accum + row * q_row_stride;
 #pragma unroll
-      for (int nt = 0; nt < K::AccQ::kNT; ++nt)
-        atomic_add_f32x2(dst + nt * 8, dq.x[0][nt][2 * h], dq.x[0][nt][2 * h + 1]);
+      for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
+        const int col = consumer * K::kDQCols + K::AccQ::col(nt, 0, lane);
+        const uint32_t addr = sdQ + (col / 32) * kBlockM * 128 + row * 128 +
+                              ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                     "f"(dq.x[0][nt][2 * h]), "f"(dq.x[0][nt][2 * h + 1]));
+      }
+    }
+    fence_async_shared();
+    named_barrier_sync(2, 256);
+    if (tid == 128) {
+#pragma unroll
+      for (int c = 0; c < kD / 32; ++c)
+        tma_reduce_add_4d(&args.dq_accum, sdQ + c * kBlockM * 128, c * 32, head, m0, batch);
+      bulk_commit();
     }
   }
+  if (tid == 128) bulk_wait();
 
   // Epilogue: dK picks up the softmax scale here; dV needs none.
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
@@ -305,7 +324,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   BwdArgs args;
   args.p = p;
   cudaError_t err;
-  if ((err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
+  if ((err = dq_accum_tensor_map(&args.dq_accum, sh, p.dq_accum, K::kBlockM)) != cudaSuccess ||
+      (err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
       (err = query_tensor_map<T>(&args.dout, sh, p.dout, K::kBlockM)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
