@@ -43,8 +43,14 @@ struct BwdParams {
   void* dv;
   float* dq_accum;  // fp32 workspace [batch, seq_q, heads, head_dim]
   float* delta;     // workspace [batch, heads, seq_q]: rowsum(dO * O) - dlse
+  // Deterministic backward only (else nullptr): workspace [batch, heads,
+  // ceil(seq_q / kDQTurnRows)], per query block the index of the key block
+  // whose turn it is to add its dQ (see common/dq_turns.cuh).
+  int* dq_turns;
   float softmax_scale;
   bool causal;
 };
+
+inline constexpr int kDQTurnRows = 64;
 
 }  // namespace jax_flash

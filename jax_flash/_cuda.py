@@ -153,23 +153,31 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool):
   return out[..., :d], lse
 
 
+# Rows of a query block in the deterministic backward's turn counters: the
+# smallest query block of any backward kernel (cuda/ffi/flash_ffi.cc agrees).
+_DQ_TURN_ROWS = 64
+
+
 def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool):
+             causal: bool, deterministic: bool = False):
   """dq, dk, dv with the shapes and dtypes of q, k, v."""
   b, sq, h, d = q.shape
   _, sk, hk, _ = k.shape
   dp = _padded_head_dim(d)
   f32 = jnp.float32
-  dq, dk, dv, _, _ = jax.ffi.ffi_call(
+  dq, dk, dv, *_ = jax.ffi.ffi_call(
       "jax_flash_bwd",
       (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
        jax.ShapeDtypeStruct((b, sk, hk, dp), k.dtype),
        jax.ShapeDtypeStruct((b, sk, hk, dp), v.dtype),
-       # Workspaces owned by XLA: the fp32 dQ accumulator and rowsum(dO*O) - dlse.
+       # Workspaces owned by XLA: the fp32 dQ accumulator, rowsum(dO*O) - dlse
+       # and, per query block, whose turn it is to add dQ (deterministic only).
        jax.ShapeDtypeStruct((b, sq, h, dp), f32),
-       jax.ShapeDtypeStruct((b, h, sq), f32)),
+       jax.ShapeDtypeStruct((b, h, sq), f32),
+       jax.ShapeDtypeStruct((b, h, -(-sq // _DQ_TURN_ROWS)), jnp.int32)),
       vmap_method="broadcast_all",
   )(*[_pad_last(x, dp) for x in (q, k, v, out, dout)],
     lse.astype(f32), dlse.astype(f32),
-    softmax_scale=np.float32(softmax_scale), causal=bool(causal))
+    softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+    deterministic=bool(deterministic))
   return dq[..., :d], dk[..., :d], dv[..., :d]

@@ -23,7 +23,8 @@ _MODULES = {"xla": xla, "cuda": _cuda}
 
 def flash_attention(query, key, value, *, causal: bool = False,
                     softmax_scale: float | None = None,
-                    return_lse: bool = False, implementation: str | None = None):
+                    return_lse: bool = False, implementation: str | None = None,
+                    deterministic: bool = False):
   """Exact softmax attention that never materializes the score matrix.
 
   Args:
@@ -39,6 +40,11 @@ def flash_attention(query, key, value, *, causal: bool = False,
       computation is lowered for (the CUDA kernels on an NVIDIA GPU where they
       support the inputs, else the portable path); "cuda" demands the kernels;
       "xla" the portable blockwise path, which runs on every backend.
+    deterministic: make the backward bitwise repeatable. The CUDA backward then
+      adds the key blocks' dQ contributions in a fixed order (each waits for
+      the previous one), which costs some speed; by default they race, and dQ
+      can differ in its last bits between runs. The portable path is always
+      deterministic.
 
   Returns:
     out [batch, seq_q, num_heads, head_dim] in the dtype of query, or
@@ -48,7 +54,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
   q, k and v share one dtype: float16, bfloat16 or float32.
   """
   query, key, value = _check_arrays(query, key, value)
-  for name, flag in (("causal", causal), ("return_lse", return_lse)):
+  for name, flag in (("causal", causal), ("return_lse", return_lse),
+                     ("deterministic", deterministic)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"flash_attention: {name} must be a Python bool, got "
                       f"{flag!r} of type {type(flag).__name__}")
@@ -58,7 +65,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
       implementation, query.dtype, head_dim, empty=query.shape[0] == 0,
       sizes=dict(batch=query.shape[0], heads=query.shape[2],
                  seq_q=query.shape[1], seq_k=key.shape[1]))
-  out, lse = _attention(query, key, value, softmax_scale, bool(causal), backend)
+  out, lse = _attention(query, key, value, softmax_scale, bool(causal),
+                        bool(deterministic), backend)
   return (out, lse) if return_lse else out
 
 
@@ -165,9 +173,10 @@ def _warn_if_gpu_without_kernels():
         "for the CUDA kernels.", RuntimeWarning, stacklevel=3)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("op", "backend", "softmax_scale", "causal"))
-def _run(*arrays, op: str, backend: str, softmax_scale: float, causal: bool):
+@functools.partial(jax.jit, static_argnames=("op", "backend", "softmax_scale",
+                                             "causal", "deterministic"))
+def _run(*arrays, op: str, backend: str, softmax_scale: float, causal: bool,
+         deterministic: bool = False):
   """Calls `op` ("forward" or "backward") of the backend on `arrays`.
 
   Always staged: `platform_dependent` picks its branch from the platform the
@@ -175,9 +184,11 @@ def _run(*arrays, op: str, backend: str, softmax_scale: float, causal: bool):
   path). Run eagerly it would instead evaluate the platform index at once on
   the default device, and the kernels would be chosen for CPU arrays.
   """
+  extra = dict(deterministic=deterministic) if op == "backward" else {}
+
   def branch(module):
     return functools.partial(getattr(module, op), softmax_scale=softmax_scale,
-                             causal=causal)
+                             causal=causal, **extra)
 
   if backend == "auto":
     return lax.platform_dependent(*arrays, cuda=branch(_cuda),
@@ -185,22 +196,26 @@ def _run(*arrays, op: str, backend: str, softmax_scale: float, causal: bool):
   return branch(_MODULES[backend])(*arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _attention(q, k, v, softmax_scale, causal, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, softmax_scale, causal, deterministic, backend):
+  del deterministic  # a property of the backward
   return _run(q, k, v, op="forward", backend=backend,
               softmax_scale=softmax_scale, causal=causal)
 
 
-def _attention_fwd(q, k, v, softmax_scale, causal, backend):
+def _attention_fwd(q, k, v, softmax_scale, causal, deterministic, backend):
+  del deterministic
   out, lse = _run(q, k, v, op="forward", backend=backend,
                   softmax_scale=softmax_scale, causal=causal)
   return (out, lse), (q, k, v, out, lse)
 
 
-def _attention_bwd(softmax_scale, causal, backend, residuals, cotangents):
+def _attention_bwd(softmax_scale, causal, deterministic, backend, residuals,
+                   cotangents):
   dout, dlse = cotangents
   return _run(*residuals, dout, dlse, op="backward", backend=backend,
-              softmax_scale=softmax_scale, causal=causal)
+              softmax_scale=softmax_scale, causal=causal,
+              deterministic=deterministic)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

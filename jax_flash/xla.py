@@ -192,8 +192,14 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool,
 
 
 def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool, block_k: int = 512, block_q: int = 512):
-  """dq, dk, dv with the shapes and dtypes of q, k, v."""
+             causal: bool, deterministic: bool = False, block_k: int = 512,
+             block_q: int = 512):
+  """dq, dk, dv with the shapes and dtypes of q, k, v.
+
+  Always deterministic (every sum has a fixed order), whatever `deterministic`
+  says.
+  """
+  del deterministic
   seq_q, seq_k, num_kv_heads = q.shape[1], k.shape[1], k.shape[2]
   t = _Tiling.make(seq_q, seq_k, block_q=block_q, block_k=block_k,
                    causal=causal, softmax_scale=softmax_scale)

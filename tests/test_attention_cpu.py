@@ -169,6 +169,28 @@ class ApiTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(grads[0]).max()), 0.1)
     assert_trees_close(self, grads, expected, atol=1e-5)
 
+  def test_deterministic_reaches_the_backward_and_changes_no_value(self):
+    q, k, v, dout, dlse = inputs(9, seq_q=13, seq_k=11, num_heads=4, num_kv_heads=2)
+    seen = []
+    real_backward = xla.backward
+
+    def recording_backward(*args, **kwargs):
+      seen.append(kwargs["deterministic"])
+      return real_backward(*args, **kwargs)
+
+    def grads(deterministic):
+      def loss(q, k, v):
+        out, lse = portable(q, k, v, causal=True, return_lse=True,
+                            deterministic=deterministic)
+        return jnp.sum(out * dout) + jnp.sum(lse * dlse)
+      return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    with mock.patch.object(xla, "backward", recording_backward):
+      plain, ordered = grads(False), grads(True)
+    self.assertEqual(seen, [False, True])
+    for a, b in zip(plain, ordered):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   def test_default_implementation_without_kernels_is_the_portable_path(self):
     q, k, v, _, _ = inputs(8, BF16, seq_q=7, seq_k=9)
     with mock.patch.object(_cuda, "library_loaded", return_value=False):
@@ -262,6 +284,8 @@ class InputErrorsTest(parameterized.TestCase):
        r"causal must be a Python bool, got 'yes'"),
       ("non_bool_return_lse", dict(return_lse=1), TypeError,
        r"return_lse must be a Python bool"),
+      ("non_bool_deterministic", dict(deterministic=None), TypeError,
+       r"deterministic must be a Python bool, got None"),
   )
   def test_bad_input_raises_at_trace_time(self, changes, error, message):
     args = dict(query=_array(_Q), key=_array(_KV), value=_array(_KV))

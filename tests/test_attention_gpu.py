@@ -305,6 +305,24 @@ class CudaBehaviourTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(a, np.float32),
                                     np.asarray(b, np.float32), name)
 
+  @parameterized.named_parameters(
+      dict(testcase_name="_d64_causal_gqa", head_dim=64, causal=True, seq_q=1025, seq_k=1537),
+      dict(testcase_name="_d128_full", head_dim=128, causal=False, seq_q=777, seq_k=777),
+      dict(testcase_name="_d256_causal", head_dim=256, causal=True, seq_q=515, seq_k=300),
+  )
+  def test_deterministic_backward_is_bitwise_repeatable(self, head_dim, causal, seq_q,
+                                                        seq_k):
+    q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
+    fn = functools.partial(cuda_attention, deterministic=True)
+    util.assert_matches_reference(fn, q, k, v, dout, dlse, causal=causal)
+    grads = jax.jit(lambda *a: _value_and_grads(
+        functools.partial(fn, causal=causal, return_lse=True), *a)[2:])
+    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
+    for _ in range(19):
+      for name, want, got in zip(("dq", "dk", "dv"), first,
+                                 jax.device_get(grads(q, k, v, dout, dlse))):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+
   @parameterized.parameters(64, 128, 256)
   def test_sm80_kernels_agree_with_the_default_family(self, head_dim):
     """On Hopper the default is the sm90 family; JAX_FLASH_KERNELS=sm80 (read

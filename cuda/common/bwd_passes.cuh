@@ -1,6 +1,6 @@
 // The two short passes around every backward kernel: before it, delta =
-// rowsum(dO * O) - dlse (the lse cotangent enters here, since d lse / d s = p)
-// and a zeroed fp32 dQ accumulator; after it, dq = scale * dq_accum in the
+// rowsum(dO * O) - dlse (the lse cotangent enters here, since d lse / d s = p),
+// a zeroed fp32 dQ accumulator and zeroed dQ turn counters; after it, dq = scale * dq_accum in the
 // input dtype.
 #pragma once
 
@@ -70,6 +70,10 @@ template <typename T, int kD>
 void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
   constexpr int kRows = 256 / (kD / 8);
   const AttentionShape& sh = p.shape;
+  if (p.dq_turns != nullptr) {
+    const int64_t blocks = (int64_t(sh.seq_q) + kDQTurnRows - 1) / kDQTurnRows;
+    cudaMemsetAsync(p.dq_turns, 0, int64_t(sh.batch) * sh.heads * blocks * sizeof(int), stream);
+  }
   flash_bwd_preprocess_kernel<T, kD>
       <<<dim3((sh.seq_q + kRows - 1) / kRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
 }

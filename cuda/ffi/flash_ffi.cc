@@ -140,9 +140,11 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> dlse, float softmax_scale, bool causal,
-                   ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                   ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
-                   ffi::Result<ffi::Buffer<ffi::F32>> delta) {
+                   bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
+                   ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
+                   ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
+                   ffi::Result<ffi::Buffer<ffi::F32>> delta,
+                   ffi::Result<ffi::Buffer<ffi::S32>> dq_turns) {
   AttentionShape shape;
   DType dtype;
   if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
@@ -157,6 +159,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   for (auto d : {lse.dimensions(), dlse.dimensions(), delta->dimensions()})
     if (!is_row_stat_of(d, q))
       return invalid("lse, dlse and delta must be [..., heads, seq_q], got " + dims_str(d));
+  const int64_t turn_blocks = (int64_t(shape.seq_q) + kDQTurnRows - 1) / kDQTurnRows;
+  if (dq_turns->element_count() !=
+      int64_t(shape.batch) * shape.heads * turn_blocks)
+    return invalid("dq_turns must be [..., heads, ceil(seq_q / " + std::to_string(kDQTurnRows) +
+                   ")], got " + dims_str(dq_turns->dimensions()));
   const BwdLauncher launch = pick<BwdLauncher>(find_bwd, dtype, shape.head_dim);
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
@@ -172,6 +179,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               dv->untyped_data(),
               dq_accum->typed_data(),
               delta->typed_data(),
+              deterministic ? dq_turns->typed_data() : nullptr,
               softmax_scale,
               causal};
   return launched(launch(p, stream));
@@ -204,9 +212,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
+                                  .Attr<bool>("deterministic")
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk
                                   .Ret<ffi::AnyBuffer>()          // dv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum workspace
-                                  .Ret<ffi::Buffer<ffi::F32>>(),  // delta workspace
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // delta workspace
+                                  .Ret<ffi::Buffer<ffi::S32>>(),  // dq_turns workspace
                               {ffi::Traits::kCmdBufferCompatible});

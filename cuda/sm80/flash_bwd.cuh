@@ -9,6 +9,7 @@
 //      and adds its share of dQ into the fp32 accumulator with atomics;
 //   3. convert (bwd_passes.cuh): dq = scale * dq_accum in the input dtype.
 // Causal query blocks that cannot see the key block are skipped, not masked.
+// A deterministic backward adds dQ in key-block order (dq_turns.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,6 +18,7 @@
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
+#include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -175,6 +177,11 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     gemm_ss<T, true, true, kBlockN>(dq, sdS, q_m0, sK, q_n0, lane);
     float* dq_accum = p.dq_accum + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD +
                       q_n0 + K::AccQ::col(0, 0, lane);
+    const DQTurns turns(p, batch, head, m0);
+    if (turns.counter != nullptr) {
+      if (tid == 0) turns.wait(n_block);
+      __syncthreads();
+    }
 #pragma unroll
     for (int mt = 0; mt < K::AccQ::kMT; ++mt)
 #pragma unroll
@@ -186,6 +193,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         for (int nt = 0; nt < K::AccQ::kNT; ++nt)
           atomic_add_f32x2(dst + nt * 8, dq.x[mt][nt][2 * h], dq.x[mt][nt][2 * h + 1]);
       }
+    if (turns.counter != nullptr) {
+      __syncthreads();
+      if (tid == 0) turns.pass(n_block);
+    }
 
     if (K::kStages == 1 && step + 1 < steps) {
       __syncthreads();  // every warp is done with the single stage

@@ -13,12 +13,14 @@
 //                                        TMA unit adds the tile into the fp32
 //                                        accumulator)
 // Causal query blocks that cannot see the key block are skipped, not masked.
+// A deterministic backward adds dQ in key-block order (dq_turns.cuh).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
+#include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -62,7 +64,9 @@ struct BwdKernel {
   static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
 };
 
-template <typename T, int kD>
+// kDeterministic: dQ additions in key-block order (p.dq_turns is set). A
+// template flag, since the turn-taking code costs the plain kernel registers.
+template <typename T, int kD, bool kDeterministic>
 __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdArgs args) {
   using K = BwdKernel<T, kD>;
@@ -289,10 +293,22 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     fence_async_shared();
     named_barrier_sync(2, 256);
     if (tid == 128) {
+      // In deterministic mode this thread alone waits for the key block's
+      // turn, and passes it on once the additions are complete and visible.
+      const DQTurns turns(p, batch, head, m0);
+      if constexpr (kDeterministic) {
+        turns.wait(bi.tile);
+        fence_async_global();
+      }
 #pragma unroll
       for (int c = 0; c < kD / 32; ++c)
         tma_reduce_add_4d(&args.dq_accum, sdQ + c * kBlockM * 128, c * 32, head, m0, batch);
       bulk_commit();
+      if constexpr (kDeterministic) {
+        bulk_wait();
+        fence_async_global();
+        turns.pass(bi.tile);
+      }
     }
   }
   if (tid == 128) bulk_wait();
@@ -330,7 +346,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
       (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
-  auto kernel = flash_bwd_kernel<T, kD>;
+  auto kernel = p.dq_turns != nullptr ? flash_bwd_kernel<T, kD, true>
+                                      : flash_bwd_kernel<T, kD, false>;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   K::kSmemBytes)) != cudaSuccess)
     return err;

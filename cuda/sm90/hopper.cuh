@@ -118,6 +118,11 @@ __device__ __forceinline__ float (&flat(Acc& acc))[kRegs] {
 __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// Orders the async proxy's global memory accesses (TMA stores and reductions)
+// with the generic proxy's that follow.
+__device__ __forceinline__ void fence_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
 
 // --- Shared-memory matrix descriptors, 128-byte swizzle.
 //
