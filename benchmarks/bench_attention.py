@@ -10,6 +10,8 @@ runs in the same process on the same GPU:
   cudnn          jax.nn.dot_product_attention(implementation="cudnn")
   pallas_triton  jax.experimental.pallas.ops.gpu.attention.mha
   jax_flash_xla  jax_flash.flash_attention(implementation="xla"), on request
+  jax_flash_det  jax_flash.flash_attention(implementation="cuda", deterministic=True),
+                 on request
 
 FLOPs: forward 4*b*h*sq*sk*d (halved when causal), forward+backward 3.5x that.
 Memory: temp bytes of the compiled executable (`memory_analysis()`), known even
@@ -48,7 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax_flash  # noqa: E402
 
 PEERS = ("jax_flash", "xla", "cudnn", "pallas_triton")
-ALL_PEERS = PEERS + ("jax_flash_xla",)
+ALL_PEERS = PEERS + ("jax_flash_xla", "jax_flash_det")
 MODES = ("fwd", "fwdbwd")
 # FLOPs of each mode in units of one forward pass.
 MODE_FLOP_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
@@ -96,10 +98,11 @@ def _pallas_triton(cell: Cell):
 
 def attention_fn(peer: str, cell: Cell):
   """(q, k, v) -> out, all [batch, seq, heads, head_dim]."""
-  if peer in ("jax_flash", "jax_flash_xla"):
-    impl = "cuda" if peer == "jax_flash" else "xla"
+  if peer in ("jax_flash", "jax_flash_xla", "jax_flash_det"):
+    impl = "xla" if peer == "jax_flash_xla" else "cuda"
     return functools.partial(jax_flash.flash_attention, causal=cell.causal,
-                             implementation=impl)
+                             implementation=impl,
+                             deterministic=peer == "jax_flash_det")
   if peer in ("xla", "cudnn"):
     return functools.partial(jax.nn.dot_product_attention,
                              is_causal=cell.causal, implementation=peer)
