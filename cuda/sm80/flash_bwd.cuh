@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       }
     if (turns.counter != nullptr) {
       __syncthreads();
-      if (tid == 0) turns.pass(n_block);
+      if (tid == 0) turns.pass();
     }
 
     if (K::kStages == 1 && step + 1 < steps) {

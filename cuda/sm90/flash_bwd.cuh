@@ -40,6 +40,7 @@ template <typename T, int kD>
 struct BwdKernel {
   using Tile = BwdTile<kD>;
   static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
+  static constexpr bool kDQLate = Tile::kDQLate;
   static constexpr int kBlockN = 128;  // two consumer warpgroups of 64 keys
   static constexpr int kThreads = 384;
   static constexpr int kPanels = kD / 64;
@@ -47,12 +48,13 @@ struct BwdKernel {
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;
   static constexpr int kDQBytes = kBlockM * kD * 4;  // a step's dQ, fp32
-  // Shared memory: K, V, the stages (Q, dO, lse, delta), two dS^T buffers, dQ, barriers.
+  static constexpr int kDSBuffers = kDQLate ? 3 : 2;  // see the dS^T store
+  // Shared memory: K, V, the stages (Q, dO, lse, delta), the dS^T buffers, dQ, barriers.
   static constexpr int kStageBytes = 2 * kQBytes + 1024;
   static constexpr int kVOffset = kKVBytes;
   static constexpr int kStageOffset = 2 * kKVBytes;
   static constexpr int kDSOffset = kStageOffset + kStages * kStageBytes;
-  static constexpr int kDQOffset = kDSOffset + 2 * kDSBytes;
+  static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
@@ -169,10 +171,118 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                                      : consumer * K::kDQCols * 2;
   const uint64_t k_cols_desc = sw128_desc(sK + dq_col_offset, kBlockN * 128);
 
+  // Named barriers between the consumer warpgroups: 1 + 2 w + (step & 1) says
+  // that warpgroup w's dS^T rows of a step are in shared memory (w arrives, the
+  // other waits; alternating by step parity, since w may arrive for the next
+  // step before the other has waited for this one). 5 + w is warpgroup w's own,
+  // around its dQ tile in shared memory.
+  auto ds_ready = [](int wg, int step) { return 1 + 2 * wg + (step & 1); };
+  const int dq_bar = 5 + consumer;
+  const bool dq_thread = (tid & 127) == 0;  // issues this warpgroup's dQ reductions
+
+  // dQ[:, this warpgroup's columns] of a step = dS K over all 128 keys, once the
+  // other warpgroup's dS^T rows are in shared memory too. Step -1's product
+  // (of whatever the buffer holds) is issued and discarded: a product issued
+  // on only some paths of the loop would make ptxas serialize every wgmma.
+  typename K::AccQ dq;
+  auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
+  auto issue_dq = [&](int step) {
+    if (step >= 0) named_barrier_sync(ds_ready(1 - consumer, step), 256);
+    const int buffer = (step + K::kDSBuffers) % K::kDSBuffers;
+    const uint64_t ds_desc = sw128_desc(sdS(buffer), kBlockN * 128);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs, ds_desc + ((kk * 2048) >> 4),
+                                              k_cols_desc + ((kk * 2048) >> 4), kk > 0);
+    wgmma_commit();
+  };
+  // The finished dQ -> shared memory (fp32 in panels of 32 columns, 128-byte
+  // rows, swizzled), then one thread has the TMA unit add this warpgroup's
+  // panels into the fp32 accumulator (rows past the sequence are clipped).
+  auto add_dq = [&](int head, int m0) {
+    if (dq_thread) bulk_wait_read();  // the previous tile has left shared memory
+    named_barrier_sync(dq_bar, 128);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
+#pragma unroll
+      for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
+        const int col = consumer * K::kDQCols + K::AccQ::col(nt, 0, lane);
+        const uint32_t addr = sdQ + (col / 32) * kBlockM * 128 + row * 128 +
+                              ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                     "f"(dq.x[0][nt][2 * h]), "f"(dq.x[0][nt][2 * h + 1]));
+      }
+    }
+    fence_async_shared();
+    named_barrier_sync(dq_bar, 128);
+    if (dq_thread) {
+      // Deterministic: the two warpgroups of key block n take the query block's
+      // turns 2n and 2n + 1 in either order, after both of block n - 1.
+      const DQTurns turns(p, batch, head, m0);
+      if constexpr (kDeterministic) {
+        turns.wait(2 * bi.tile);
+        fence_async_global();
+      }
+      constexpr int kPanels = K::kDQCols / 32;
+#pragma unroll
+      for (int c = consumer * kPanels; c < (consumer + 1) * kPanels; ++c)
+        tma_reduce_add_4d(&args.dq_accum, sdQ + c * kBlockM * 128, c * 32, head, m0, batch);
+      bulk_commit();
+      if constexpr (kDeterministic) {
+        bulk_wait();
+        fence_async_global();
+        turns.pass();
+      }
+    }
+  };
+
+  // dV += P^T dO and dK += dS^T Q of the step whose Q/dO are in stage `s`
+  // (N-major: rows of dO / Q are the k dim).
+  uint32_t p_frags[1][kBlockM / 16][4], ds_frags[1][kBlockM / 16][4];
+  auto issue_dkdv = [&](int s) {
+    const uint64_t do_n_desc = sw128_desc(sdO(s), kBlockM * 128);
+    const uint64_t q_n_desc = sw128_desc(sQ(s), kBlockM * 128);
+    pin_registers(dv_regs);
+    pin_registers(dk_regs);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+      Wgmma<T, kD>::template rs<1>(dv_regs, p_frags[0][kk], do_n_desc + ((kk * 2048) >> 4), 1);
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+      Wgmma<T, kD>::template rs<1>(dk_regs, ds_frags[0][kk], q_n_desc + ((kk * 2048) >> 4), 1);
+    wgmma_commit();
+  };
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(s));
+  };
+
+  // Without kDQLate, step t runs S^T(t) and dP^T(t), the elementwise work, then
+  // dV/dK(t) and dQ(t). With it, the consumer warpgroups take turns at the
+  // tensor cores, each turn issuing dV/dK(t - 1), S^T(t), dP^T(t) and dQ(t - 1):
+  // one warpgroup's elementwise work runs while the other's products do. (At
+  // step 0, dV/dK(-1) adds products of zero fragments, and dQ(-1) is discarded.)
+  constexpr bool kLate = K::kDQLate;
+  const TensorCoreTurns<2, 7> turns{consumer};
+  if constexpr (kLate) {
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) p_frags[0][kk][r] = ds_frags[0][kk][r] = 0;
+    if (steps > 0) turns.begin();
+  }
+  int prev_head = 0, prev_m0 = 0, prev_s = 0;
   if (steps > 0) mbar_wait(full_kv, 0);
   for (int step = 0; step < steps; ++step) {
     const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
     mbar_wait(full(s), (step / kStages) & 1);
+    if constexpr (kLate) {
+      turns.wait();
+      issue_dkdv(step > 0 ? prev_s : s);
+    }
 
     // S^T and dP^T, rows = keys, cols = queries.
     typename K::AccS st, dpt;
@@ -196,13 +306,18 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                                            do_desc + (q_off >> 4), kk > 0);
     }
     wgmma_commit();
+    if constexpr (kLate) {
+      issue_dq(step - 1);
+      turns.pass();
+    }
 
-    // P^T while dP^T is still being computed.
+    // P^T while dP^T (and dQ) are still being computed.
     const float* lse = stage_stats(s);
     const float* delta = lse + kBlockM;
     const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
-    wgmma_wait<1>();
+    wgmma_wait<kLate ? 2 : 1>();
     pin_registers(st_regs);
+    if (kLate && step > 0) release(prev_s);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
@@ -213,21 +328,22 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         if (need_mask && !mask.visible(m0 + query, n0 + key)) pv = 0.f;
         st.x[0][nt][i] = pv;
       }
-    wgmma_wait<0>();
+    wgmma_wait<kLate ? 1 : 0>();
     pin_registers(dpt_regs);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - delta[K::AccS::col(nt, i, lane)]);
-
-    uint32_t p_frags[1][kBlockM / 16][4], ds_frags[1][kBlockM / 16][4];
     accum_to_a_frags<T>(p_frags, st);
     accum_to_a_frags<T>(ds_frags, dpt);
 
     // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled),
-    // where the dQ product reads it as an M-major operand.
-    const uint32_t ds_buf = sdS(step & 1);
+    // where the dQ product reads it as an M-major operand. The buffer was last
+    // read by dQ(step - kDSBuffers): this warpgroup waited for its own, and the
+    // other warpgroup finished its before announcing dS^T(step - 1), which this
+    // one has waited for in issue_dq.
+    const uint32_t ds_buf = sdS(step % K::kDSBuffers);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
@@ -237,81 +353,40 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
       }
     fence_async_shared();
+    named_barrier_arrive(ds_ready(consumer, step), 256);
 
-    // dV += P^T dO and dK += dS^T Q (N-major: rows of dO / Q are the k dim).
-    const uint64_t do_n_desc = sw128_desc(sdO(s), kBlockM * 128);
-    const uint64_t q_n_desc = sw128_desc(sQ(s), kBlockM * 128);
-    pin_registers(dv_regs);
-    pin_registers(dk_regs);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk)
-      Wgmma<T, kD>::template rs<1>(dv_regs, p_frags[0][kk], do_n_desc + ((kk * 2048) >> 4), 1);
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk)
-      Wgmma<T, kD>::template rs<1>(dk_regs, ds_frags[0][kk], q_n_desc + ((kk * 2048) >> 4), 1);
-    wgmma_commit();
-
-    // dQ[:, this warpgroup's columns] = dS K over all 128 keys, once both
-    // warpgroups' dS^T are in shared memory. (The buffer written next step was
-    // last read by the dQ product of the step before this one, which both
-    // warpgroups finished before meeting here.) The previous step's dQ must
-    // have left sdQ as well.
-    if (tid == 128) bulk_wait_read();
-    named_barrier_sync(1, 256);
-    typename K::AccQ dq;
-    auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
-    const uint64_t ds_desc = sw128_desc(ds_buf, kBlockN * 128);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs, ds_desc + ((kk * 2048) >> 4),
-                                              k_cols_desc + ((kk * 2048) >> 4), kk > 0);
-    wgmma_commit();
+    if constexpr (kLate) {
+      wgmma_wait<0>();
+      pin_registers(dq_regs);
+      if (step > 0) add_dq(prev_head, prev_m0);
+    } else {
+      issue_dkdv(s);
+      issue_dq(step);
+      wgmma_wait<0>();
+      pin_registers(dv_regs);
+      pin_registers(dk_regs);
+      pin_registers(dq_regs);
+      release(s);
+      add_dq(head, m0);
+    }
+    prev_head = head;
+    prev_m0 = m0;
+    prev_s = s;
+  }
+  if (kLate && steps > 0) {
+    turns.wait();
+    issue_dkdv(prev_s);
+    issue_dq(steps - 1);
+    turns.pass();
     wgmma_wait<0>();
     pin_registers(dv_regs);
     pin_registers(dk_regs);
     pin_registers(dq_regs);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty(s));
-
-    // This step's dQ -> shared memory (fp32 in panels of 32 columns, 128-byte
-    // rows, swizzled), then one thread has the TMA unit add the tile into the
-    // fp32 accumulator (rows past the sequence are clipped).
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
-#pragma unroll
-      for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
-        const int col = consumer * K::kDQCols + K::AccQ::col(nt, 0, lane);
-        const uint32_t addr = sdQ + (col / 32) * kBlockM * 128 + row * 128 +
-                              ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
-                     "f"(dq.x[0][nt][2 * h]), "f"(dq.x[0][nt][2 * h + 1]));
-      }
-    }
-    fence_async_shared();
-    named_barrier_sync(2, 256);
-    if (tid == 128) {
-      // In deterministic mode this thread alone waits for the key block's
-      // turn, and passes it on once the additions are complete and visible.
-      const DQTurns turns(p, batch, head, m0);
-      if constexpr (kDeterministic) {
-        turns.wait(bi.tile);
-        fence_async_global();
-      }
-#pragma unroll
-      for (int c = 0; c < kD / 32; ++c)
-        tma_reduce_add_4d(&args.dq_accum, sdQ + c * kBlockM * 128, c * 32, head, m0, batch);
-      bulk_commit();
-      if constexpr (kDeterministic) {
-        bulk_wait();
-        fence_async_global();
-        turns.pass(bi.tile);
-      }
-    }
+    release(prev_s);
+    add_dq(prev_head, prev_m0);
+    turns.finish();
   }
-  if (tid == 128) bulk_wait();
+  if (dq_thread) bulk_wait();
 
   // Epilogue: dK picks up the softmax scale here; dV needs none.
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;

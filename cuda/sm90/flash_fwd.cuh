@@ -60,30 +60,6 @@ struct FwdKernel {
   static_assert(kD % 64 == 0 && kBlockN % 64 == 0, "tiles are whole 64-column panels");
 };
 
-// Round-robin turns of the consumer warpgroups at the tensor cores, on named
-// barriers 1..kN: warpgroup c waits at barrier 1 + c before issuing its
-// products and then arrives at the next one (two warpgroups, 256 threads, meet
-// at each), so that one warpgroup's softmax runs while another's products do.
-// The last warpgroup opens the first turn, and the first one takes a last
-// empty turn at the end, so that every arrival is waited for.
-template <int kN>
-struct TensorCoreTurns {
-  int consumer;
-
-  __device__ __forceinline__ void begin() const {
-    if (kN > 1 && consumer == kN - 1) named_barrier_arrive(1, 256);
-  }
-  __device__ __forceinline__ void wait() const {
-    if (kN > 1) named_barrier_sync(1 + consumer, 256);
-  }
-  __device__ __forceinline__ void pass() const {
-    if (kN > 1) named_barrier_arrive(1 + (consumer + 1) % kN, 256);
-  }
-  __device__ __forceinline__ void finish() const {
-    if (kN > 1 && consumer == 0) wait();
-  }
-};
-
 template <typename T, int kD>
 __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdArgs args) {

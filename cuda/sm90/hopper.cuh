@@ -166,4 +166,29 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Round-robin turns of the consumer warpgroups at the tensor cores, on named
+// barriers kFirst..kFirst + kN - 1: warpgroup c waits at barrier kFirst + c
+// before issuing its products and then arrives at the next one (two
+// warpgroups, 256 threads, meet at each), so that one warpgroup's elementwise
+// work runs while another's products do. The last warpgroup opens the first
+// turn, and the first one takes a last empty turn at the end, so that every
+// arrival is waited for.
+template <int kN, int kFirst = 1>
+struct TensorCoreTurns {
+  int consumer;
+
+  __device__ __forceinline__ void begin() const {
+    if (kN > 1 && consumer == kN - 1) named_barrier_arrive(kFirst, 256);
+  }
+  __device__ __forceinline__ void wait() const {
+    if (kN > 1) named_barrier_sync(kFirst + consumer, 256);
+  }
+  __device__ __forceinline__ void pass() const {
+    if (kN > 1) named_barrier_arrive(kFirst + (consumer + 1) % kN, 256);
+  }
+  __device__ __forceinline__ void finish() const {
+    if (kN > 1 && consumer == 0) wait();
+  }
+};
+
 }  // namespace jax_flash::sm90
