@@ -9,8 +9,8 @@
 //   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
 //   dQ += dS K                          (dS^T of both warpgroups via shared
 //                                        memory; each computes half of dQ's
-//                                        columns into shared memory, and the
-//                                        TMA unit adds the tile into the fp32
+//                                        columns into shared memory and has
+//                                        the TMA unit add them into the fp32
 //                                        accumulator)
 // Causal query blocks that cannot see the key block are skipped, not masked.
 // A deterministic backward adds dQ in key-block order (dq_turns.cuh).
