@@ -25,6 +25,9 @@ struct FwdParams {
   const void* v;
   void* out;
   float* lse;
+  // Workspace [1]: the next tile a persistent kernel hands out (its launcher
+  // zeroes it).
+  int* tile_counter;
   float softmax_scale;
   bool causal;
 };

@@ -143,10 +143,12 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool):
   """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32."""
   b, sq, h, d = q.shape
   dp = _padded_head_dim(d)
-  out, lse = jax.ffi.ffi_call(
+  # The third result is the persistent kernel's tile counter (workspace).
+  out, lse, _ = jax.ffi.ffi_call(
       "jax_flash_fwd",
       (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
-       jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
+       jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
+       jax.ShapeDtypeStruct((1,), jnp.int32)),
       vmap_method="broadcast_all",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal))

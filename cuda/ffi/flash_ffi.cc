@@ -122,7 +122,8 @@ ffi::Error launched(cudaError_t err) {
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    float softmax_scale, bool causal, ffi::Result<ffi::AnyBuffer> out,
-                   ffi::Result<ffi::Buffer<ffi::F32>> lse) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                   ffi::Result<ffi::Buffer<ffi::S32>> tile_counter) {
   AttentionShape shape;
   DType dtype;
   if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
@@ -130,10 +131,15 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
     return invalid("out must match query " + dims_str(q.dimensions()));
   if (!is_row_stat_of(lse->dimensions(), q))
     return invalid("lse must be [..., heads, seq_q], got " + dims_str(lse->dimensions()));
+  // (vmap gives every workspace a batch dimension; the first element serves.)
+  if (tile_counter->element_count() < 1)
+    return invalid("tile_counter must have an element, got " +
+                   dims_str(tile_counter->dimensions()));
   const FwdLauncher launch = pick<FwdLauncher>(find_fwd, dtype, shape.head_dim);
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
-              out->untyped_data(), lse->typed_data(), softmax_scale, causal};
+              out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
+              softmax_scale, causal};
   return launched(launch(p, stream));
 }
 
@@ -197,7 +203,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Ret<ffi::AnyBuffer>()            // out
-                                  .Ret<ffi::Buffer<ffi::F32>>(),    // lse
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // lse
+                                  .Ret<ffi::Buffer<ffi::S32>>(),    // tile_counter workspace
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,

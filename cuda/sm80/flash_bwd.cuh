@@ -51,6 +51,10 @@ struct BwdKernel {
   using TileP = SmemTile<kBlockN, kBlockM>;
   static constexpr int kStageBytes = 2 * TileQ::kBytes + 2 * kBlockM * int(sizeof(float));
   static constexpr int kSmemBytes = 2 * TileKV::kBytes + 2 * TileP::kBytes + kStages * kStageBytes;
+  static __host__ __device__ TileOrder order(const BwdParams& p) {
+    return {(p.shape.seq_k + kBlockN - 1) / kBlockN, p.shape.kv_heads, p.shape.batch, p.causal,
+            /*last_tile_longest=*/false};
+  }
 };
 
 template <typename T, int kD>
@@ -76,7 +80,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/false);
+  const BlockIndex bi = K::order(p).block();
   const int n_block = bi.tile, kv_head = bi.head, batch = bi.batch;
   const int n0 = n_block * kBlockN;
   const int group = sh.heads / sh.kv_heads;
@@ -235,7 +239,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<block_grid((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch, p.causal),
+  kernel<<<K::order(p).grid(),
            K::kThreads, K::kSmemBytes, stream>>>(p);
 
   launch_bwd_convert_dq<T, kD>(p, stream);

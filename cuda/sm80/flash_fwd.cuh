@@ -31,6 +31,10 @@ struct FwdKernel {
   static constexpr int kSmemBytes = TileQ::kBytes + 2 * TileKV::kBytes;
   using AccS = Accum<kMT, kBlockN / 8>;
   using AccO = Accum<kMT, kD / 8>;
+  static __host__ __device__ TileOrder order(const FwdParams& p) {
+    return {(p.shape.seq_q + kBlockM - 1) / kBlockM, p.shape.heads, p.shape.batch, p.causal,
+            /*last_tile_longest=*/true};
+  }
 };
 
 template <typename T, int kD>
@@ -45,7 +49,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/true);
+  const BlockIndex bi = K::order(p).block();
   const int m_block = bi.tile, head = bi.head, batch = bi.batch;
   const int kv_head = head / (sh.heads / sh.kv_heads);
   const int m0 = m_block * kBlockM;
@@ -129,9 +133,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid = block_grid((p.shape.seq_q + K::kBlockM - 1) / K::kBlockM, p.shape.heads,
-                               p.shape.batch, p.causal);
-  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+  kernel<<<K::order(p).grid(), K::kThreads, K::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

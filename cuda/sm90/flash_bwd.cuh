@@ -64,6 +64,10 @@ struct BwdKernel {
   using AccKV = Accum<1, kD / 8>;
   using AccQ = Accum<1, kDQCols / 8>;
   static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
+  static __host__ __device__ TileOrder order(const BwdParams& p) {
+    return {(p.shape.seq_k + kBlockN - 1) / kBlockN, p.shape.kv_heads, p.shape.batch, p.causal,
+            /*last_tile_longest=*/false};
+  }
 };
 
 // kDeterministic: dQ additions in key-block order (p.dq_turns is set). A
@@ -92,7 +96,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
-  const BlockIndex bi = block_index(p.causal, /*last_tile_longest=*/false);
+  const BlockIndex bi = K::order(p).block();
   const int kv_head = bi.head, batch = bi.batch;
   const int n0 = bi.tile * kBlockN;
   const int group = sh.heads / sh.kv_heads;
@@ -427,7 +431,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
                                   K::kSmemBytes)) != cudaSuccess)
     return err;
   launch_bwd_preprocess<T, kD>(p, stream);
-  kernel<<<block_grid((sh.seq_k + K::kBlockN - 1) / K::kBlockN, sh.kv_heads, sh.batch, p.causal),
+  kernel<<<K::order(p).grid(),
            K::kThreads, K::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, kD>(p, stream);
   return cudaGetLastError();

@@ -44,11 +44,16 @@ struct FwdKernel {
   static constexpr int kPanels = kD / 64;
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kKVBytes = kBlockN * kD * 2;
-  // Shared memory: Q, K stages, V stages, then the barriers.
+  // Tiles are handed out at run time; the producer announces each through
+  // kTileSlots slots of {id, tile, head, batch}.
+  static constexpr int kTileSlots = 2;
+  // Shared memory: Q, K stages, V stages, the barriers, the tile slots.
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
-  static constexpr int kSmemBytes = kBarOffset + 8 * (2 + 4 * kStages) + 1024;  // + alignment
+  static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots + 1;
+  static constexpr int kTileSlotOffset = kBarOffset + 8 * kBarriers;
+  static constexpr int kSmemBytes = kTileSlotOffset + 16 * kTileSlots + 1024;  // + alignment
   // Registers per thread after reallocation: 24 for the producer, the rest split
   // over the consumers (a multiple of 8, at most 240 for the compiler's sake).
   static constexpr int kProducerRegs = 24;
@@ -58,6 +63,10 @@ struct FwdKernel {
   using AccS = Accum<1, kBlockN / 8>;
   using AccO = Accum<1, kD / 8>;
   static_assert(kD % 64 == 0 && kBlockN % 64 == 0, "tiles are whole 64-column panels");
+  static __host__ __device__ TileOrder order(const FwdParams& p) {
+    return {(p.shape.seq_q + kBlockM - 1) / kBlockM, p.shape.heads, p.shape.batch, p.causal,
+            /*last_tile_longest=*/true};
+  }
 };
 
 template <typename T, int kD>
@@ -76,11 +85,18 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   auto full_v = [&](int s) { return full_q + 8 * (2 + kStages + s); };
   auto empty_k = [&](int s) { return full_q + 8 * (2 + 2 * kStages + s); };
   auto empty_v = [&](int s) { return full_q + 8 * (2 + 3 * kStages + s); };
+  auto full_tile = [&](int k) { return full_q + 8 * (2 + 4 * kStages + k % K::kTileSlots); };
+  auto empty_tile = [&](int k) {
+    return full_q + 8 * (2 + 4 * kStages + K::kTileSlots + k % K::kTileSlots);
+  };
+  const uint32_t loads_issued = full_q + 8 * (2 + 4 * kStages + 2 * K::kTileSlots);
+  auto tile_slot = [&](int k) { return smem + K::kTileSlotOffset + 16 * (k % K::kTileSlots); };
+  auto slot_phase = [](int k) { return uint32_t(k / K::kTileSlots) & 1; };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
-  const TileOrder order{(sh.seq_q + kBlockM - 1) / kBlockM, sh.heads, sh.batch, p.causal};
+  const TileOrder order = K::order(p);
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
   auto key_blocks = [&](int m0) { return (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN; };
 
@@ -93,22 +109,59 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
       mbar_init(empty_k(s), 4 * K::kConsumers);
       mbar_init(empty_v(s), 4 * K::kConsumers);
     }
+    for (int k = 0; k < K::kTileSlots; ++k) {
+      mbar_init(full_tile(k), 1);
+      mbar_init(empty_tile(k), 1 + 4 * K::kConsumers);  // the TMA thread, each consumer warp
+    }
+    mbar_init(loads_issued, 1);
     mbar_init_fence();
   }
   __syncthreads();
+
+  // The k-th tile of this block, from its slot (batch -1: no more tiles).
+  auto read_tile = [&](int k) {
+    mbar_wait(full_tile(k), slot_phase(k));
+    BlockIndex bi;
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%3];\n"
+                 "ld.shared.b32 %2, [%3 + 8];\n"
+                 : "=r"(bi.tile), "=r"(bi.head), "=r"(bi.batch)
+                 : "r"(tile_slot(k))
+                 : "memory");
+    return bi;
+  };
 
   // Every role walks the same tiles and counts the same key blocks: `it` over
   // all key blocks (the K/V ring's stage and phase), `tiles_done` over tiles
   // with work (Q's phase).
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    if (warp == 0 && lane == 0) {
+    if (warp == 1 && lane == 0) {
+      // The scheduler: a block's first tile is its own index; each next one
+      // is the next unclaimed one of the tile counter (so blocks that drew
+      // short tiles take more), claimed once the TMA thread has issued the
+      // previous tile's loads, i.e. when the consumers are within kStages key
+      // blocks of its end.
+      for (int k = 0;; ++k) {
+        if (k > 0) mbar_wait(loads_issued, (k - 1) & 1);
+        const int id = k == 0 ? int(blockIdx.x) : atomicAdd(p.tile_counter, 1) + int(gridDim.x);
+        const BlockIndex bi = id < order.count() ? order.at(id) : BlockIndex{0, 0, -1};
+        mbar_wait(empty_tile(k), slot_phase(k) ^ 1);
+        asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n"
+                     "st.shared.b32 [%0 + 8], %3;\n" ::"r"(tile_slot(k)),
+                     "r"(bi.tile), "r"(bi.head), "r"(bi.batch)
+                     : "memory");
+        mbar_arrive(full_tile(k));
+        if (bi.batch < 0) break;
+      }
+    } else if (warp == 0 && lane == 0) {
       tma_prefetch_descriptor(&args.q);
       tma_prefetch_descriptor(&args.k);
       tma_prefetch_descriptor(&args.v);
       int it = 0, tiles_done = 0;
-      for (int id = blockIdx.x; id < order.count(); id += gridDim.x) {
-        const BlockIndex bi = order.at(id);
+      for (int k = 0;; ++k) {
+        const BlockIndex bi = read_tile(k);
+        mbar_arrive(empty_tile(k));
+        if (bi.batch < 0) break;
         const int m0 = bi.tile * kBlockM, kv_head = bi.head / (sh.heads / sh.kv_heads);
         const int n_blocks = key_blocks(m0);
         for (int i = 0; i < n_blocks; ++i, ++it) {
@@ -135,6 +188,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
                         bi.batch);
         }
         tiles_done += n_blocks > 0;
+        mbar_arrive(loads_issued);
       }
     }
     return;
@@ -189,8 +243,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
 
   int it = 0, tiles_done = 0;
   bool took_turns = false;
-  for (int id = blockIdx.x; id < order.count(); id += gridDim.x) {
-    const BlockIndex bi = order.at(id);
+  for (int k = 0;; ++k) {
+    const BlockIndex bi = read_tile(k);
+    release(empty_tile(k));
+    if (bi.batch < 0) break;
     const int m0 = bi.tile * kBlockM;
     const int n_blocks = key_blocks(m0);
     o.zero();
@@ -288,10 +344,11 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   auto kernel = flash_fwd_kernel<T, kD>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const TileOrder order{(sh.seq_q + K::kBlockM - 1) / K::kBlockM, sh.heads, sh.batch, p.causal};
+  const TileOrder order = K::order(p);
   int sms = 0;
   if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
     return err;
+  if ((err = cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream)) != cudaSuccess) return err;
   kernel<<<std::min(order.count(), sms), K::kThreads, K::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
