@@ -1,9 +1,10 @@
 // FlashAttention forward on Hopper: TMA, mbarrier pipelines and wgmma.
 //
 // A persistent kernel: one block per SM walks query tiles of 64 * kConsumers
-// rows (TileOrder: longest first under a causal mask), in three roles.
-// Warpgroup 0 is the producer: it shrinks to a few registers and one thread
-// issues the TMA copies, each tile's Q and then its K and V tiles through a
+// rows in TileOrder (under a causal mask: longest first within chunks of
+// heads), claiming each next tile at run time, in three roles. Warpgroup 0 is
+// the producer: it shrinks to a few registers; one thread claims tiles and
+// another issues the TMA copies, each tile's Q and then its K and V tiles through a
 // ring of kStages buffers that runs on from tile to tile. Every buffer has a
 // "full" barrier (bytes landed) and an "empty" one (every consumer warp is done
 // with it). The other warpgroups are consumers with the registers the producer
