@@ -170,23 +170,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
           const uint32_t phase = (it / kStages) & 1;
           mbar_wait(empty_k(s), phase ^ 1);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
-#pragma unroll
-          for (int c = 0; c < K::kPanels; ++c)
-            tma_load_4d(sK(s) + c * kBlockN * 128, &args.k, full_k(s), c * 64, kv_head, n0,
-                        bi.batch);
+          tma_load_tile<K::kPanels, kBlockN>(sK(s), &args.k, full_k(s), kv_head, n0, bi.batch);
           if (i == 0) {  // Q after the first K: the previous tile's last products may still read Q
             mbar_wait(empty_q, (tiles_done & 1) ^ 1);
             mbar_arrive_expect_tx(full_q, K::kQBytes);
-#pragma unroll
-            for (int c = 0; c < K::kPanels; ++c)
-              tma_load_4d(sQ + c * kBlockM * 128, &args.q, full_q, c * 64, bi.head, m0, bi.batch);
+            tma_load_tile<K::kPanels, kBlockM>(sQ, &args.q, full_q, bi.head, m0, bi.batch);
           }
           mbar_wait(empty_v(s), phase ^ 1);
           mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
-#pragma unroll
-          for (int c = 0; c < K::kPanels; ++c)
-            tma_load_4d(sV(s) + c * kBlockN * 128, &args.v, full_v(s), c * 64, kv_head, n0,
-                        bi.batch);
+          tma_load_tile<K::kPanels, kBlockN>(sV(s), &args.v, full_v(s), kv_head, n0, bi.batch);
         }
         tiles_done += n_blocks > 0;
         mbar_arrive(loads_issued);

@@ -78,6 +78,16 @@ __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
+// A tile of kRows positions x kPanels * 64 head-dim columns of one head, as
+// kPanels 128-byte-swizzled panels of kRows * 128 bytes from dst on.
+template <int kPanels, int kRows>
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                              int head, int row0, int batch) {
+#pragma unroll
+  for (int c = 0; c < kPanels; ++c)
+    tma_load_4d(dst + c * kRows * 128, map, bar, c * 64, head, row0, batch);
+}
+
 __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
