@@ -40,7 +40,6 @@ template <typename T, int kD>
 struct BwdKernel {
   using Tile = BwdTile<kD>;
   static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
-  static constexpr bool kDQLate = Tile::kDQLate;
   static constexpr int kBlockN = 128;  // two consumer warpgroups of 64 keys
   static constexpr int kThreads = 384;
   static constexpr int kPanels = kD / 64;
@@ -48,7 +47,7 @@ struct BwdKernel {
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;
   static constexpr int kDQBytes = kBlockM * kD * 4;  // a step's dQ, fp32
-  static constexpr int kDSBuffers = kDQLate ? 3 : 2;  // see the dS^T store
+  static constexpr int kDSBuffers = 3;  // see the dS^T store
   // Shared memory: K, V, the stages (Q, dO, lse, delta), the dS^T buffers, dQ, barriers.
   static constexpr int kStageBytes = 2 * kQBytes + 1024;
   static constexpr int kVOffset = kKVBytes;
@@ -175,13 +174,14 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                                      : consumer * K::kDQCols * 2;
   const uint64_t k_cols_desc = sw128_desc(sK + dq_col_offset, kBlockN * 128);
 
-  // Named barriers between the consumer warpgroups: 1 + 2 w + (step & 1) says
+  // Named barriers between the consumer warpgroups: 1 + 3 w + step % 3 says
   // that warpgroup w's dS^T rows of a step are in shared memory (w arrives, the
-  // other waits; alternating by step parity, since w may arrive for the next
-  // step before the other has waited for this one). 5 + w is warpgroup w's own,
-  // around its dQ tile in shared memory.
-  auto ds_ready = [](int wg, int step) { return 1 + 2 * wg + (step & 1); };
-  const int dq_bar = 5 + consumer;
+  // other waits, in the next step; w may arrive for two more steps before the
+  // other has waited, since its turns at the tensor cores keep it at most a
+  // step ahead). 7 + w is warpgroup w's own, around its dQ tile in shared
+  // memory; 9 and 10 hold the turns.
+  auto ds_ready = [](int wg, int step) { return 1 + 3 * wg + step % 3; };
+  const int dq_bar = 7 + consumer;
   const bool dq_thread = (tid & 127) == 0;  // issues this warpgroup's dQ reductions
 
   // dQ[:, this warpgroup's columns] of a step = dS K over all 128 keys, once the
@@ -264,29 +264,34 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     if (lane == 0) mbar_arrive(empty(s));
   };
 
-  // Without kDQLate, step t runs S^T(t) and dP^T(t), the elementwise work, then
-  // dV/dK(t) and dQ(t). With it, the consumer warpgroups take turns at the
-  // tensor cores, each turn issuing dV/dK(t - 1), S^T(t), dP^T(t) and dQ(t - 1):
-  // one warpgroup's elementwise work runs while the other's products do. (At
-  // step 0, dV/dK(-1) adds products of zero fragments, and dQ(-1) is discarded.)
-  constexpr bool kLate = K::kDQLate;
-  const TensorCoreTurns<2, 7> turns{consumer};
-  if constexpr (kLate) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) p_frags[0][kk][r] = ds_frags[0][kk][r] = 0;
-    if (steps > 0) turns.begin();
+  // The consumer warpgroups take turns at the tensor cores, a turn issuing
+  // S^T(t) and dP^T(t), so that one warpgroup's elementwise work runs while
+  // the other's products do. dV/dK(t) follow the elementwise work, and with
+  // them dQ(t - 1), whose dS^T rows of the other warpgroup have long been in
+  // shared memory: waiting for this step's would keep the two in step. (dQ(-1)
+  // is computed and discarded: a product issued on only some paths of the
+  // loop would make ptxas serialize every wgmma.)
+  const TensorCoreTurns<2, 9> turns{consumer};
+  if (steps > 0) {
+    turns.begin();
+    mbar_wait(full_kv, 0);
   }
-  int prev_head = 0, prev_m0 = 0, prev_s = 0;
-  if (steps > 0) mbar_wait(full_kv, 0);
+  int prev_head = 0, prev_m0 = 0;
   for (int step = 0; step < steps; ++step) {
     const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
     mbar_wait(full(s), (step / kStages) & 1);
-    if constexpr (kLate) {
-      turns.wait();
-      issue_dkdv(step > 0 ? prev_s : s);
-    }
+    // The lse of this thread's queries, read before the products start (and
+    // delta before the exponentials): a shared-memory load issued while the
+    // products run waits behind their operand reads for hundreds of cycles.
+    const float* stats = stage_stats(s);
+    float2 lse[K::AccS::kNT], delta[K::AccS::kNT];
+    auto read_lse = [&] {
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+        lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
+    };
+    if constexpr (!kDeterministic) read_lse();
+    turns.wait();
 
     // S^T and dP^T, rows = keys, cols = queries.
     typename K::AccS st, dpt;
@@ -310,43 +315,46 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                                            do_desc + (q_off >> 4), kk > 0);
     }
     wgmma_commit();
-    if constexpr (kLate) {
-      issue_dq(step - 1);
-      turns.pass();
-    }
+    turns.pass();
 
-    // P^T while dP^T (and dQ) are still being computed.
-    const float* lse = stage_stats(s);
-    const float* delta = lse + kBlockM;
+    // P^T while dP^T is still being computed.
     const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
-    wgmma_wait<kLate ? 2 : 1>();
+    wgmma_wait<1>();
     pin_registers(st_regs);
-    if (kLate && step > 0) release(prev_s);
+    if constexpr (kDeterministic) read_lse();
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+      delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+    // The mask in a loop of its own: a branch between exponentials makes each
+    // wait for the previous one's result.
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int key = key_row0 + K::AccS::row(0, i, lane);
-        const int query = K::AccS::col(nt, i, lane);
-        float pv = fast_exp2(fmaf(st.x[0][nt][i], scale_log2, -lse[query]));
-        if (need_mask && !mask.visible(m0 + query, n0 + key)) pv = 0.f;
-        st.x[0][nt][i] = pv;
-      }
-    wgmma_wait<kLate ? 1 : 0>();
+      for (int i = 0; i < 4; ++i)
+        st.x[0][nt][i] =
+            fast_exp2(fmaf(st.x[0][nt][i], scale_log2, i & 1 ? -lse[nt].y : -lse[nt].x));
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (!mask.visible(m0 + K::AccS::col(nt, i, lane), n0 + key_row0 + K::AccS::row(0, i, lane)))
+            st.x[0][nt][i] = 0.f;
+    }
+    wgmma_wait<0>();
     pin_registers(dpt_regs);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - delta[K::AccS::col(nt, i, lane)]);
+        dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - (i & 1 ? delta[nt].y : delta[nt].x));
     accum_to_a_frags<T>(p_frags, st);
     accum_to_a_frags<T>(ds_frags, dpt);
 
     // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled),
     // where the dQ product reads it as an M-major operand. The buffer was last
-    // read by dQ(step - kDSBuffers): this warpgroup waited for its own, and the
-    // other warpgroup finished its before announcing dS^T(step - 1), which this
-    // one has waited for in issue_dq.
+    // read by dQ(step - 3), which both warpgroups waited for in step - 2: this
+    // one itself, the other before passing its turn of step - 1.
     const uint32_t ds_buf = sdS(step % K::kDSBuffers);
 #pragma unroll
     for (int nt = 0; nt < K::AccS::kNT; ++nt)
@@ -359,34 +367,21 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     fence_async_shared();
     named_barrier_arrive(ds_ready(consumer, step), 256);
 
-    if constexpr (kLate) {
-      wgmma_wait<0>();
-      pin_registers(dq_regs);
-      if (step > 0) add_dq(prev_head, prev_m0);
-    } else {
-      issue_dkdv(s);
-      issue_dq(step);
-      wgmma_wait<0>();
-      pin_registers(dv_regs);
-      pin_registers(dk_regs);
-      pin_registers(dq_regs);
-      release(s);
-      add_dq(head, m0);
-    }
-    prev_head = head;
-    prev_m0 = m0;
-    prev_s = s;
-  }
-  if (kLate && steps > 0) {
-    turns.wait();
-    issue_dkdv(prev_s);
-    issue_dq(steps - 1);
-    turns.pass();
+    issue_dkdv(s);
+    issue_dq(step - 1);
     wgmma_wait<0>();
     pin_registers(dv_regs);
     pin_registers(dk_regs);
     pin_registers(dq_regs);
-    release(prev_s);
+    release(s);
+    if (step > 0) add_dq(prev_head, prev_m0);
+    prev_head = head;
+    prev_m0 = m0;
+  }
+  if (steps > 0) {
+    issue_dq(steps - 1);
+    wgmma_wait<0>();
+    pin_registers(dq_regs);
     add_dq(prev_head, prev_m0);
     turns.finish();
   }

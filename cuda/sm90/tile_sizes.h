@@ -5,8 +5,6 @@
 // walk the keys kBlockN at a time.
 // Backward: two consumer warpgroups each own 64 of the block's 128 keys and walk
 // the queries kBlockM at a time, Q/dO tiles arriving through kStages buffers.
-// kDQLate: a step's dQ product is issued in the next step, to run during its
-// softmax (32 more live registers: head_dim 128 would spill).
 #pragma once
 
 namespace jax_flash::sm90 {
@@ -19,7 +17,7 @@ template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 
 
 template <int kHeadDim>
 struct BwdTile;
-template <> struct BwdTile<64>  { static constexpr int kBlockM = 64, kStages = 2; static constexpr bool kDQLate = true; };
-template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; static constexpr bool kDQLate = false; };
+template <> struct BwdTile<64>  { static constexpr int kBlockM = 64, kStages = 2; };
+template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; };
 
 }  // namespace jax_flash::sm90
