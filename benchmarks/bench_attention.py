@@ -186,6 +186,14 @@ def measure(peer: str, cell: Cell, args, timing: Timing):
   return row
 
 
+def matmul_rate(dtype, n: int = 8192) -> float:
+  """TFLOP/s of an n x n x n `jnp.matmul` in `dtype`: the GPU's matrix-product
+  rate in this process, which the attention figures are held against."""
+  a, b = (jax.random.normal(key, (n, n), dtype) for key in jax.random.split(jax.random.key(0)))
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  return 2 * n**3 / time_call(compiled, (a, b), Timing()) / 1e12
+
+
 def make_inputs(cell: Cell, dtype, seed: int):
   keys = jax.random.split(jax.random.key(seed), 4)
   shape = (cell.batch, cell.seq, cell.heads, cell.head_dim)
@@ -284,10 +292,16 @@ def markdown_table(rows, peers) -> str:
   return "\n".join(lines)
 
 
-def summary_lines(rows):
+def summary_lines(rows, matmul_tflops=None):
   idx = _index(rows)
   get = lambda p, mode, causal, d, s: idx.get((p, mode, causal, d, s))
   out = []
+
+  ceiling = get("jax_flash", "fwd", False, 128, 16384)
+  if matmul_tflops and ceiling and "tflops" in ceiling:
+    out.append(f"jax_flash d128 s16384 full fwd: {ceiling['tflops']:.0f} TFLOP/s, "
+               f"{ceiling['tflops'] / matmul_tflops:.3f} of the matmul rate "
+               f"({matmul_tflops:.0f} TFLOP/s)")
 
   for mode in MODES + (None,):
     ratios = []
@@ -454,13 +468,18 @@ def main(argv=None):
   print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; "
         f"{len(cells)} cells x {len(args.peers)} peers", flush=True)
 
+  matmul_tflops = None
+  if device.platform == "gpu":
+    matmul_tflops = matmul_rate(DTYPES[args.dtype])
+    print(f"{args.dtype} matmul 8192^3: {matmul_tflops:.0f} TFLOP/s", flush=True)
+
   t0 = time.perf_counter()
   with open(jsonl_path, "w") as log_file:
     rows, not_run = run_sweep(args, cells, timing, log_file)
   elapsed = time.perf_counter() - t0
 
   table = markdown_table(rows, args.peers)
-  summary = summary_lines(rows)
+  summary = summary_lines(rows, matmul_tflops)
   errors = sorted({f"{r['peer']}: {r['error']}" for r in rows if "error" in r})
   md = [f"# Attention benchmark: {device.device_kind}, "
         f"{datetime.date.today().isoformat()}",
@@ -469,7 +488,10 @@ def main(argv=None):
         f"jax {jax.__version__}, {args.dtype}, batch = {args.tokens} // seq, "
         f"heads = {args.hidden} // head_dim; TFLOP/s (fwd 4·b·h·s²·d, "
         f"halved causal; fwdbwd 3.5x); jf/peer = jax_flash TFLOP/s over the "
-        f"peer's; MiB = compiled temp memory. Sweep took {elapsed:.0f} s"
+        f"peer's; MiB = compiled temp memory"
+        + (f"; {args.dtype} matmul rate (8192³ `jnp.matmul`, this run) "
+           f"{matmul_tflops:.0f} TFLOP/s" if matmul_tflops else "")
+        + f". Sweep took {elapsed:.0f} s"
         + (f"; stopped at the time limit with {not_run} of {len(cells)} "
            "cells not run." if not_run else "."),
         "",

@@ -9,6 +9,8 @@ import tempfile
 from absl.testing import absltest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_attention  # noqa: E402
 
 
 def _rows():
@@ -35,6 +37,17 @@ class RatioPlotTest(absltest.TestCase):
       self.assertTrue(png.exists())
       self.assertEqual(png.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
       self.assertGreater(png.stat().st_size, 10_000)
+
+
+class SummaryTest(absltest.TestCase):
+
+  def test_the_forward_is_held_against_the_matmul_rate_of_the_same_run(self):
+    rows = _rows() + [dict(peer="jax_flash", mode="fwd", causal=False, d=128, s=16384, b=1,
+                           h=16, ms=1.0, tflops=636.0, temp_bytes=2**20)]
+    lines = bench_attention.summary_lines(rows, matmul_tflops=795.0)
+    self.assertIn("jax_flash d128 s16384 full fwd: 636 TFLOP/s, 0.800 of the matmul rate "
+                  "(795 TFLOP/s)", lines)
+    self.assertFalse(any("matmul" in line for line in bench_attention.summary_lines(rows)))
 
 
 if __name__ == "__main__":

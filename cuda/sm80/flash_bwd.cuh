@@ -154,19 +154,30 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
     const float* lse = sLse(s);
     const float* delta = sDelta(s);
+    // The mask in a loop of its own: a branch between exponentials makes each
+    // wait for the previous one's result.
 #pragma unroll
     for (int mt = 0; mt < K::AccS::kMT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int key = s_m0 + K::AccS::row(mt, i, lane);
           const int query = s_n0 + K::AccS::col(nt, i, lane);
-          float pv = fast_exp2(fmaf(st.x[mt][nt][i], scale_log2, -lse[query]));
-          if (need_mask && !mask.visible(m0 + query, n0 + key)) pv = 0.f;
+          const float pv = fast_exp2(fmaf(st.x[mt][nt][i], scale_log2, -lse[query]));
           st.x[mt][nt][i] = pv;
           dpt.x[mt][nt][i] = pv * (dpt.x[mt][nt][i] - delta[query]);
         }
+    if (need_mask) {
+#pragma unroll
+      for (int mt = 0; mt < K::AccS::kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (!mask.visible(m0 + s_n0 + K::AccS::col(nt, i, lane),
+                              n0 + s_m0 + K::AccS::row(mt, i, lane)))
+              st.x[mt][nt][i] = dpt.x[mt][nt][i] = 0.f;
+    }
     store_accum_smem<T>(st, sP, s_m0, s_n0, lane);
     store_accum_smem<T>(dpt, sdS, s_m0, s_n0, lane);
     __syncthreads();  // P^T and dS^T visible to all warps
@@ -232,7 +243,6 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 template <typename T, int kD>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using K = BwdKernel<T, kD>;
-  const AttentionShape& sh = p.shape;
   launch_bwd_preprocess<T, kD>(p, stream);
 
   auto kernel = flash_bwd_kernel<T, kD>;
