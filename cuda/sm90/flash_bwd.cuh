@@ -283,6 +283,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     // The lse of this thread's queries, read before the products start (and
     // delta before the exponentials): a shared-memory load issued while the
     // products run waits behind their operand reads for hundreds of cycles.
+    // The deterministic kernel, with fewer registers to spare, reads lse with
+    // delta.
     const float* stats = stage_stats(s);
     float2 lse[K::AccS::kNT], delta[K::AccS::kNT];
     auto read_lse = [&] {
