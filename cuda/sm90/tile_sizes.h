@@ -5,6 +5,8 @@
 // walk the keys kBlockN at a time.
 // Backward: two consumer warpgroups each own 64 of the block's 128 keys and walk
 // the queries kBlockM at a time, Q/dO tiles arriving through kStages buffers.
+// Head_dim 256 (flash_bwd_wide.cuh): blocks of 64 keys, the warpgroups splitting
+// S/dP by keys and dK/dV/dQ by head-dim rows.
 #pragma once
 
 namespace jax_flash::sm90 {
@@ -19,5 +21,6 @@ template <int kHeadDim>
 struct BwdTile;
 template <> struct BwdTile<64>  { static constexpr int kBlockM = 64, kStages = 2; };
 template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; };
+template <> struct BwdTile<256> { static constexpr int kBlockM = 64, kStages = 2; };
 
 }  // namespace jax_flash::sm90

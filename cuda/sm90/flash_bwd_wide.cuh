@@ -1,0 +1,365 @@
+// FlashAttention backward on Hopper for head_dim 256, between the preprocess
+// and dQ-convert passes of bwd_passes.cuh. At this width a warpgroup cannot
+// hold dK and dV of 64 keys (256 registers), so the work is split the other
+// way. One block per (64-key block, kv head, batch), K and V loaded once by
+// TMA, the block walking the query blocks of every query head of its GQA group
+// with Q, dO, lse and delta arriving through a ring of kStages buffers (as in
+// flash_bwd.cuh). Two consumer warpgroups, w = 0, 1:
+//   S = Q K^T, dP = dO V^T on keys 32w .. 32w + 31     (wgmma, shared memory)
+//   P = exp(S - lse), dS = P (dP - delta)             (registers, rows = queries)
+//   P, dS -> shared memory (both warpgroups' halves)
+//   dV^T += dO^T P, dK^T += Q^T dS on head-dim rows 128w .. 128w + 127
+//   dQ^T  = K^T dS^T on the same rows, added to the fp32 accumulator
+// All products read both operands from shared memory; dK/dV stay in registers
+// (transposed) for the whole block. The two warpgroups meet twice per step:
+// once P/dS are complete, and once both are done reading them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../common/block_order.cuh"
+#include "../common/bwd_passes.cuh"
+#include "../common/dq_turns.cuh"
+#include "../common/mask.cuh"
+#include "../common/warp_gemm.cuh"
+#include "../params.h"
+#include "flash_bwd.cuh"
+#include "hopper.cuh"
+#include "host.h"
+#include "tile_sizes.h"
+#include "wgmma.cuh"
+
+namespace jax_flash::sm90 {
+
+template <typename T, int kD>
+struct BwdWideKernel {
+  using Tile = BwdTile<kD>;
+  static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
+  static constexpr int kBlockN = 64;  // two warpgroups of 32 keys for S and dP
+  static constexpr int kThreads = 384;
+  static constexpr int kPanels = kD / 64;
+  static constexpr int kKeysPerWG = kBlockN / 2;  // S and dP columns of one warpgroup
+  static constexpr int kRowsPerWG = kD / 2;       // dK^T, dV^T, dQ^T rows of one warpgroup
+  static constexpr int kMTiles = kRowsPerWG / 64;
+  static constexpr int kKVBytes = kBlockN * kD * 2;
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kPBytes = kBlockM * kBlockN * 2;
+  static constexpr int kStageBytes = 2 * kQBytes + 1024;  // Q, dO, lse and delta
+  static constexpr int kVOffset = kKVBytes;
+  static constexpr int kStageOffset = 2 * kKVBytes;
+  static constexpr int kPOffset = kStageOffset + kStages * kStageBytes;
+  static constexpr int kDSOffset = kPOffset + kPBytes;
+  static constexpr int kBarOffset = kDSOffset + kPBytes;
+  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
+  static_assert(kSmemBytes <= 227 * 1024);
+  static_assert(kBlockN == 64, "P and dS rows are one 128-byte panel of keys");
+  using AccS = Accum<1, kKeysPerWG / 8>;  // 64 queries x 32 keys
+  using AccT = Accum<1, 64 / 8>;          // 64 head-dim rows x 64 keys or queries
+  static __host__ __device__ TileOrder order(const BwdParams& p) {
+    return {(p.shape.seq_k + kBlockN - 1) / kBlockN, p.shape.kv_heads, p.shape.batch, p.causal,
+            /*last_tile_longest=*/false};
+  }
+};
+
+template <typename T, int kD, bool kDeterministic>
+__global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
+    flash_bwd_wide_kernel(const __grid_constant__ BwdArgs args) {
+  using K = BwdWideKernel<T, kD>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
+  const BwdParams& p = args.p;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const uint32_t sK = smem, sV = smem + K::kVOffset;
+  auto sQ = [&](int s) { return smem + K::kStageOffset + s * K::kStageBytes; };
+  auto sdO = [&](int s) { return sQ(s) + K::kQBytes; };
+  // lse * log2(e) (+inf for rows that take no part) and delta of a stage's queries.
+  auto stage_stats = [&](int s) {
+    return reinterpret_cast<float*>(smem_raw + (sdO(s) + K::kQBytes - smem_u32(smem_raw)));
+  };
+  const uint32_t sP = smem + K::kPOffset, sdS = smem + K::kDSOffset;
+  const uint32_t full_kv = smem + K::kBarOffset;
+  auto full = [&](int s) { return full_kv + 8 * (1 + s); };
+  auto empty = [&](int s) { return full_kv + 8 * (1 + kStages + s); };
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warpgroup = warp >> 2;
+  const BlockIndex bi = K::order(p).block();
+  const int kv_head = bi.head, batch = bi.batch;
+  const int n0 = bi.tile * kBlockN;
+  const int group = sh.heads / sh.kv_heads;
+  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const int m_begin = mask.first_query(n0) / kBlockM;
+  const int m_count = (sh.seq_q + kBlockM - 1) / kBlockM - m_begin;
+  const int steps = group * m_count;
+  auto step_head = [&](int step) { return kv_head * group + step / m_count; };
+  auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+
+  if (tid == 0) {
+    mbar_init(full_kv, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
+      mbar_init(empty(s), 8);      // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    regs_shrink<K::kProducerRegs>();
+    if (warp == 0 && lane == 0 && steps > 0) {
+      mbar_arrive_expect_tx(full_kv, 2 * K::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < K::kPanels; ++c) {
+        tma_load_4d(sK + c * kBlockN * 128, &args.k, full_kv, c * 64, kv_head, n0, batch);
+        tma_load_4d(sV + c * kBlockN * 128, &args.v, full_kv, c * 64, kv_head, n0, batch);
+      }
+      for (int step = 0; step < steps; ++step) {
+        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(full(s), 2 * K::kQBytes);
+#pragma unroll
+        for (int c = 0; c < K::kPanels; ++c) {
+          tma_load_4d(sQ(s) + c * kBlockM * 128, &args.q, full(s), c * 64, head, m0, batch);
+          tma_load_4d(sdO(s) + c * kBlockM * 128, &args.dout, full(s), c * 64, head, m0, batch);
+        }
+      }
+    } else if (warp == 1) {
+      for (int step = 0; step < steps; ++step) {
+        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
+        float* stats = stage_stats(s);
+        for (int i = lane; i < kBlockM; i += 32) {
+          const int row = m0 + i;
+          const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
+          const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
+          stats[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
+          stats[kBlockM + i] = row < sh.seq_q ? p.delta[r] : 0.f;
+        }
+        mbar_arrive(full(s));
+      }
+    }
+    return;
+  }
+
+  regs_grow<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  const int key0 = consumer * K::kKeysPerWG;  // this warpgroup's S / dP columns
+  const int d0 = consumer * K::kRowsPerWG;    // its dK^T / dV^T / dQ^T rows
+  // This thread's two query rows of S / dP within the step's block.
+  const int q_row0 = (warp & 3) * 16 + (lane >> 2);
+
+  typename K::AccT dkt[K::kMTiles], dvt[K::kMTiles], dqt[K::kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < K::kMTiles; ++mt) {
+    dkt[mt].zero();
+    dvt[mt].zero();
+  }
+  auto regs = [](typename K::AccT& acc) -> float(&)[32] { return flat<32>(acc); };
+
+  // Named barriers of both warpgroups: 1, P and dS of the step complete; 2, at
+  // the next step, both done with the previous step's products (which read them).
+  constexpr int kPdsReady = 1, kPdsFree = 2;
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(s));
+  };
+
+  if (steps > 0) mbar_wait(full_kv, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
+    mbar_wait(full(s), (step / kStages) & 1);
+    const float* stats = stage_stats(s);
+    const float lse[2] = {stats[q_row0], stats[q_row0 + 8]};
+    const float delta[2] = {stats[kBlockM + q_row0], stats[kBlockM + q_row0 + 8]};
+
+    // S and dP on this warpgroup's 32 keys (rows = queries, K-major operands).
+    typename K::AccS st, dpt;
+    auto& s_regs = flat<K::AccS::kNT * 4>(st);
+    auto& dp_regs = flat<K::AccS::kNT * 4>(dpt);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
+      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(s_regs, sw128_desc(sQ(s) + q_off, 16),
+                                                 sw128_desc(sK + k_off, 16), kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
+      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(dp_regs, sw128_desc(sdO(s) + q_off, 16),
+                                                 sw128_desc(sV + k_off, 16), kk > 0);
+    }
+    wgmma_commit();
+
+    wgmma_wait<1>();
+    pin_registers(s_regs);
+    // The mask in a loop of its own: a branch between exponentials makes each
+    // wait for the previous one's result.
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        st.x[0][nt][i] = fast_exp2(fmaf(st.x[0][nt][i], scale_log2, -lse[i >> 1]));
+    if (mask.tile_needs_mask(m0, n0, kBlockN)) {
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (!mask.visible(m0 + q_row0 + 8 * (i >> 1), n0 + key0 + K::AccS::col(nt, i, lane)))
+            st.x[0][nt][i] = 0.f;
+    }
+    wgmma_wait<0>();
+    pin_registers(dp_regs);
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - delta[i >> 1]);
+
+    // P and dS -> shared memory, rows = queries, 128-byte rows of the block's 64
+    // keys, swizzled: the layout the products below read (keys as n or k).
+    if (step > 0) named_barrier_sync(kPdsFree, 256);
+#pragma unroll
+    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = q_row0 + 8 * h;
+        const int chunk = (key0 + nt * 8) / 8;
+        const uint32_t off = row * 128 + ((chunk ^ (row & 7)) << 4) + (lane & 3) * 4;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sP + off),
+                     "r"(pack2<T>(st.x[0][nt][2 * h], st.x[0][nt][2 * h + 1])));
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sdS + off),
+                     "r"(pack2<T>(dpt.x[0][nt][2 * h], dpt.x[0][nt][2 * h + 1])));
+      }
+    fence_async_shared();
+    named_barrier_sync(kPdsReady, 256);
+
+    // dV^T += dO^T P and dK^T += Q^T dS: m = head-dim rows (A = dO / Q read
+    // M-major, one 64-column panel per m tile), n = keys (B = P / dS read
+    // N-major), k = queries.
+    wgmma_fence();
+#pragma unroll
+    for (int mt = 0; mt < K::kMTiles; ++mt) {
+      const uint32_t panel = (d0 / 64 + mt) * kBlockM * 128;
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        Wgmma<T, 64>::template ss<1, 1>(regs(dvt[mt]),
+                                        sw128_desc(sdO(s) + panel + kk * 2048, kBlockM * 128),
+                                        sw128_desc(sP + kk * 2048, K::kPBytes), 1);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        Wgmma<T, 64>::template ss<1, 1>(regs(dkt[mt]),
+                                        sw128_desc(sQ(s) + panel + kk * 2048, kBlockM * 128),
+                                        sw128_desc(sdS + kk * 2048, K::kPBytes), 1);
+    }
+    wgmma_commit();
+    // dQ^T = K^T dS^T: m = head-dim rows (A = K read M-major), n = queries (B =
+    // dS read K-major: its rows are queries, keys along them), k = keys.
+#pragma unroll
+    for (int mt = 0; mt < K::kMTiles; ++mt) {
+      const uint32_t panel = (d0 / 64 + mt) * kBlockN * 128;
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        Wgmma<T, 64>::template ss<1, 0>(regs(dqt[mt]),
+                                        sw128_desc(sK + panel + kk * 2048, kBlockN * 128),
+                                        sw128_desc(sdS + kk * 32, 16), kk > 0);
+      wgmma_commit();
+    }
+
+    // Each finished dQ^T tile is added to the fp32 accumulator element by
+    // element (rows = head dim, columns = queries). Deterministic: the two
+    // warpgroups of key block n take the query block's turns 2n and 2n + 1.
+    const DQTurns turns(p, batch, head, m0);
+    if constexpr (kDeterministic) {
+      if ((tid & 127) == 0) {
+        turns.wait(2 * bi.tile);
+        __threadfence();
+      }
+      named_barrier_sync(3 + consumer, 128);
+    }
+    float* dq_rows = p.dq_accum + ((int64_t(batch) * sh.seq_q + m0) * sh.heads + head) * kD;
+    const int64_t q_stride = int64_t(sh.heads) * kD;
+#pragma unroll
+    for (int mt = 0; mt < K::kMTiles; ++mt) {
+      if (mt == 0) {
+        wgmma_wait<K::kMTiles - 1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      pin_registers(regs(dqt[mt]));
+#pragma unroll
+      for (int nt = 0; nt < K::AccT::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int d = d0 + mt * 64 + (warp & 3) * 16 + K::AccT::row(0, i, lane);
+          const int q = K::AccT::col(nt, i, lane);
+          if (m0 + q < sh.seq_q)
+            asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(dq_rows + q * q_stride + d),
+                         "f"(dqt[mt].x[0][nt][i])
+                         : "memory");
+        }
+    }
+    if constexpr (kDeterministic) {
+      __threadfence();
+      named_barrier_sync(3 + consumer, 128);
+      if ((tid & 127) == 0) turns.pass();
+    }
+#pragma unroll
+    for (int mt = 0; mt < K::kMTiles; ++mt) {
+      pin_registers(regs(dvt[mt]));
+      pin_registers(regs(dkt[mt]));
+    }
+    release(s);
+  }
+
+  // Epilogue: dK^T and dV^T (rows = head dim, columns = keys) written
+  // transposed; dK picks up the softmax scale here.
+  const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
+  const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
+  T* dk_out = static_cast<T*>(p.dk) + kv_offset;
+  T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+#pragma unroll
+  for (int mt = 0; mt < K::kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < K::AccT::kNT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int d = d0 + mt * 64 + (warp & 3) * 16 + K::AccT::row(0, i, lane);
+        const int key = K::AccT::col(nt, i, lane);
+        if (n0 + key >= sh.seq_k) continue;
+        dk_out[key * kv_row_stride + d] = static_cast<T>(dkt[mt].x[0][nt][i] * p.softmax_scale);
+        dv_out[key * kv_row_stride + d] = static_cast<T>(dvt[mt].x[0][nt][i]);
+      }
+}
+
+template <typename T, int kD>
+cudaError_t launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
+  using K = BwdWideKernel<T, kD>;
+  const AttentionShape& sh = p.shape;
+  BwdArgs args;
+  args.p = p;
+  cudaError_t err;
+  if ((err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
+      (err = query_tensor_map<T>(&args.dout, sh, p.dout, K::kBlockM)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
+    return err;
+  auto kernel = p.dq_turns != nullptr ? flash_bwd_wide_kernel<T, kD, true>
+                                      : flash_bwd_wide_kernel<T, kD, false>;
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  K::kSmemBytes)) != cudaSuccess)
+    return err;
+  launch_bwd_preprocess<T, kD>(p, stream);
+  kernel<<<K::order(p).grid(), K::kThreads, K::kSmemBytes, stream>>>(args);
+  launch_bwd_convert_dq<T, kD>(p, stream);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flash::sm90
