@@ -24,17 +24,13 @@
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
+#include "bwd_block.cuh"
 #include "hopper.cuh"
 #include "host.h"
 #include "tile_sizes.h"
 #include "wgmma.cuh"
 
 namespace jax_flash::sm90 {
-
-struct BwdArgs {
-  CUtensorMap q, k, v, dout, dq_accum;
-  BwdParams p;
-};
 
 template <typename T, int kD>
 struct BwdKernel {
@@ -78,78 +74,32 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   const BwdParams& p = args.p;
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32_t sK = smem, sV = smem + K::kVOffset;
-  auto sQ = [&](int s) { return smem + K::kStageOffset + s * K::kStageBytes; };
-  auto sdO = [&](int s) { return sQ(s) + K::kQBytes; };
-  // lse * log2(e) (+inf for rows that take no part) and delta of a stage's queries.
-  auto stage_stats = [&](int s) {
-    return reinterpret_cast<float*>(smem_raw + (sdO(s) + K::kQBytes - smem_u32(smem_raw)));
-  };
+  const BwdSmem<K> sm(smem_raw);
+  const uint32_t smem = sm.base, sK = sm.k(), sV = sm.v();
+  auto sQ = [&](int s) { return sm.q(s); };
+  auto sdO = [&](int s) { return sm.dout(s); };
+  auto stage_stats = [&](int s) { return sm.stats(s); };
   auto sdS = [&](int b) { return smem + K::kDSOffset + b * K::kDSBytes; };
   const uint32_t sdQ = smem + K::kDQOffset;
-  const uint32_t full_kv = smem + K::kBarOffset;
-  auto full = [&](int s) { return full_kv + 8 * (1 + s); };
-  auto empty = [&](int s) { return full_kv + 8 * (1 + kStages + s); };
+  auto full = [&](int s) { return sm.full(s); };
+  auto empty = [&](int s) { return sm.empty(s); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
   const BlockIndex bi = K::order(p).block();
-  const int kv_head = bi.head, batch = bi.batch;
-  const int n0 = bi.tile * kBlockN;
-  const int group = sh.heads / sh.kv_heads;
+  const BwdWalk walk(p, bi, kBlockM, kBlockN);
+  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
-  const int m_begin = mask.first_query(n0) / kBlockM;
-  const int m_count = (sh.seq_q + kBlockM - 1) / kBlockM - m_begin;
-  const int steps = group * m_count;
-  auto step_head = [&](int step) { return kv_head * group + step / m_count; };
-  auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+  auto step_head = [&](int step) { return walk.head(step); };
+  auto step_m0 = [&](int step) { return walk.m0(step); };
 
-  if (tid == 0) {
-    mbar_init(full_kv, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
-      mbar_init(empty(s), 8);      // one arrival per consumer warp
-    }
-    mbar_init_fence();
-  }
+  if (tid == 0) sm.init_barriers();
   __syncthreads();
 
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    if (warp == 0 && lane == 0 && steps > 0) {
-      mbar_arrive_expect_tx(full_kv, 2 * K::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < K::kPanels; ++c) {
-        tma_load_4d(sK + c * kBlockN * 128, &args.k, full_kv, c * 64, kv_head, n0, batch);
-        tma_load_4d(sV + c * kBlockN * 128, &args.v, full_kv, c * 64, kv_head, n0, batch);
-      }
-      for (int step = 0; step < steps; ++step) {
-        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
-        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(full(s), 2 * K::kQBytes);
-#pragma unroll
-        for (int c = 0; c < K::kPanels; ++c) {
-          tma_load_4d(sQ(s) + c * kBlockM * 128, &args.q, full(s), c * 64, head, m0, batch);
-          tma_load_4d(sdO(s) + c * kBlockM * 128, &args.dout, full(s), c * 64, head, m0, batch);
-        }
-      }
-    } else if (warp == 1) {
-      for (int step = 0; step < steps; ++step) {
-        const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
-        mbar_wait(empty(s), ((step / kStages) & 1) ^ 1);
-        float* stats = stage_stats(s);
-        for (int i = lane; i < kBlockM; i += 32) {
-          const int row = m0 + i;
-          const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
-          const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
-          stats[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
-          stats[kBlockM + i] = row < sh.seq_q ? p.delta[r] : 0.f;
-        }
-        mbar_arrive(full(s));
-      }
-    }
+    bwd_produce<K>(args, sm, walk, warp, lane);
     return;
   }
 
@@ -274,7 +224,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const TensorCoreTurns<2, 9> turns{consumer};
   if (steps > 0) {
     turns.begin();
-    mbar_wait(full_kv, 0);
+    mbar_wait(sm.full_kv(), 0);
   }
   int prev_head = 0, prev_m0 = 0;
   for (int step = 0; step < steps; ++step) {
