@@ -76,13 +76,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const BwdSmem<K> sm(smem_raw);
   const uint32_t smem = sm.base, sK = sm.k(), sV = sm.v();
-  auto sQ = [&](int s) { return sm.q(s); };
-  auto sdO = [&](int s) { return sm.dout(s); };
-  auto stage_stats = [&](int s) { return sm.stats(s); };
   auto sdS = [&](int b) { return smem + K::kDSOffset + b * K::kDSBytes; };
   const uint32_t sdQ = smem + K::kDQOffset;
-  auto full = [&](int s) { return sm.full(s); };
-  auto empty = [&](int s) { return sm.empty(s); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -91,8 +86,6 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const BwdWalk walk(p, bi, kBlockM, kBlockN);
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
-  auto step_head = [&](int step) { return walk.head(step); };
-  auto step_m0 = [&](int step) { return walk.m0(step); };
 
   if (tid == 0) sm.init_barriers();
   __syncthreads();
@@ -196,8 +189,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // (N-major: rows of dO / Q are the k dim).
   uint32_t p_frags[1][kBlockM / 16][4], ds_frags[1][kBlockM / 16][4];
   auto issue_dkdv = [&](int s) {
-    const uint64_t do_n_desc = sw128_desc(sdO(s), kBlockM * 128);
-    const uint64_t q_n_desc = sw128_desc(sQ(s), kBlockM * 128);
+    const uint64_t do_n_desc = sw128_desc(sm.dout(s), kBlockM * 128);
+    const uint64_t q_n_desc = sw128_desc(sm.q(s), kBlockM * 128);
     pin_registers(dv_regs);
     pin_registers(dk_regs);
     wgmma_fence();
@@ -211,7 +204,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   };
   auto release = [&](int s) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty(s));
+    if (lane == 0) mbar_arrive(sm.empty(s));
   };
 
   // The consumer warpgroups take turns at the tensor cores, a turn issuing
@@ -228,14 +221,14 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   }
   int prev_head = 0, prev_m0 = 0;
   for (int step = 0; step < steps; ++step) {
-    const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
-    mbar_wait(full(s), (step / kStages) & 1);
+    const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+    mbar_wait(sm.full(s), (step / kStages) & 1);
     // The lse of this thread's queries, read before the products start (and
     // delta before the exponentials): a shared-memory load issued while the
     // products run waits behind their operand reads for hundreds of cycles.
     // The deterministic kernel, with fewer registers to spare, reads lse with
     // delta.
-    const float* stats = stage_stats(s);
+    const float* stats = sm.stats(s);
     float2 lse[K::AccS::kNT], delta[K::AccS::kNT];
     auto read_lse = [&] {
 #pragma unroll
@@ -249,7 +242,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     typename K::AccS st, dpt;
     auto& st_regs = flat<K::AccS::kNT * 4>(st);
     auto& dpt_regs = flat<K::AccS::kNT * 4>(dpt);
-    const uint64_t q_desc = sw128_desc(sQ(s), 16), do_desc = sw128_desc(sdO(s), 16);
+    const uint64_t q_desc = sw128_desc(sm.q(s), 16), do_desc = sw128_desc(sm.dout(s), 16);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {

@@ -72,12 +72,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const BwdSmem<K> sm(smem_raw);
   const uint32_t smem = sm.base, sK = sm.k(), sV = sm.v();
-  auto sQ = [&](int s) { return sm.q(s); };
-  auto sdO = [&](int s) { return sm.dout(s); };
-  auto stage_stats = [&](int s) { return sm.stats(s); };
   const uint32_t sP = smem + K::kPOffset, sdS = smem + K::kDSOffset;
-  auto full = [&](int s) { return sm.full(s); };
-  auto empty = [&](int s) { return sm.empty(s); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -86,8 +81,6 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   const BwdWalk walk(p, bi, kBlockM, kBlockN);
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
-  auto step_head = [&](int step) { return walk.head(step); };
-  auto step_m0 = [&](int step) { return walk.m0(step); };
 
   if (tid == 0) sm.init_barriers();
   __syncthreads();
@@ -119,14 +112,14 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   constexpr int kPdsReady = 1, kPdsFree = 2;
   auto release = [&](int s) {
     __syncwarp();
-    if (lane == 0) mbar_arrive(empty(s));
+    if (lane == 0) mbar_arrive(sm.empty(s));
   };
 
   if (steps > 0) mbar_wait(sm.full_kv(), 0);
   for (int step = 0; step < steps; ++step) {
-    const int s = step % kStages, head = step_head(step), m0 = step_m0(step);
-    mbar_wait(full(s), (step / kStages) & 1);
-    const float* stats = stage_stats(s);
+    const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+    mbar_wait(sm.full(s), (step / kStages) & 1);
+    const float* stats = sm.stats(s);
     const float lse[2] = {stats[q_row0], stats[q_row0 + 8]};
     const float delta[2] = {stats[kBlockM + q_row0], stats[kBlockM + q_row0 + 8]};
 
@@ -139,7 +132,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
       const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(s_regs, sw128_desc(sQ(s) + q_off, 16),
+      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(s_regs, sw128_desc(sm.q(s) + q_off, 16),
                                                  sw128_desc(sK + k_off, 16), kk > 0);
     }
     wgmma_commit();
@@ -147,7 +140,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
       const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(dp_regs, sw128_desc(sdO(s) + q_off, 16),
+      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(dp_regs, sw128_desc(sm.dout(s) + q_off, 16),
                                                  sw128_desc(sV + k_off, 16), kk > 0);
     }
     wgmma_commit();
@@ -205,12 +198,12 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk)
         Wgmma<T, 64>::template ss<1, 1>(regs(dvt[mt]),
-                                        sw128_desc(sdO(s) + panel + kk * 2048, kBlockM * 128),
+                                        sw128_desc(sm.dout(s) + panel + kk * 2048, kBlockM * 128),
                                         sw128_desc(sP + kk * 2048, K::kPBytes), 1);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk)
         Wgmma<T, 64>::template ss<1, 1>(regs(dkt[mt]),
-                                        sw128_desc(sQ(s) + panel + kk * 2048, kBlockM * 128),
+                                        sw128_desc(sm.q(s) + panel + kk * 2048, kBlockM * 128),
                                         sw128_desc(sdS + kk * 2048, K::kPBytes), 1);
     }
     wgmma_commit();
