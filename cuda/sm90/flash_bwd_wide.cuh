@@ -3,8 +3,8 @@
 // hold dK and dV of 64 keys (256 registers), so the work is split the other
 // way. One block per (64-key block, kv head, batch), K and V loaded once by
 // TMA, the block walking the query blocks of every query head of its GQA group
-// with Q, dO, lse and delta arriving through a ring of kStages buffers (as in
-// flash_bwd.cuh). Two consumer warpgroups, w = 0, 1:
+// with Q, dO, lse and delta arriving through a ring of kStages buffers
+// (bwd_block.cuh, shared with flash_bwd.cuh). Two consumer warpgroups, w = 0, 1:
 //   S = Q K^T, dP = dO V^T on keys 32w .. 32w + 31     (wgmma, shared memory)
 //   P = exp(S - lse), dS = P (dP - delta)             (registers, rows = queries)
 //   P, dS -> shared memory (both warpgroups' halves)
@@ -55,6 +55,7 @@ struct BwdWideKernel {
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
   static_assert(kSmemBytes <= 227 * 1024);
   static_assert(kBlockN == 64, "P and dS rows are one 128-byte panel of keys");
+  static_assert(kBlockM == 64, "dQ^T tiles are 64 queries wide");
   using AccS = Accum<1, kKeysPerWG / 8>;  // 64 queries x 32 keys
   using AccT = Accum<1, 64 / 8>;          // 64 head-dim rows x 64 keys or queries
   static __host__ __device__ TileOrder order(const BwdParams& p) {
