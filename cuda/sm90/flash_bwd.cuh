@@ -244,22 +244,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     auto& dpt_regs = flat<K::AccS::kNT * 4>(dpt);
     const uint64_t q_desc = sw128_desc(sm.q(s), 16), do_desc = sw128_desc(sm.dout(s), 16);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t kv_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-      Wgmma<T, kBlockM>::template ss<0, 0>(st_regs, k_rows_desc + (kv_off >> 4),
-                                           q_desc + (q_off >> 4), kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t kv_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-      Wgmma<T, kBlockM>::template ss<0, 0>(dpt_regs, v_rows_desc + (kv_off >> 4),
-                                           do_desc + (q_off >> 4), kk > 0);
-    }
-    wgmma_commit();
+    wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(st_regs, k_rows_desc, q_desc);
+    wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(dpt_regs, v_rows_desc, do_desc);
     turns.pass();
 
     // P^T while dP^T is still being computed.

@@ -208,14 +208,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     const uint64_t k_desc = sw128_desc(sK(s), 16);
     mbar_wait(full_k(s), (it / kStages) & 1);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-      const uint32_t k_off = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      Wgmma<T, kBlockN>::template ss<0, 0>(s_regs, q_desc + (q_off >> 4), k_desc + (k_off >> 4),
-                                        kk > 0);
-    }
-    wgmma_commit();
+    wgmma_over_head_dim<T, kBlockN, kD, kBlockM, kBlockN>(s_regs, q_desc, k_desc);
   };
   // O += P V of ring slot `it`, issued.
   auto issue_pv = [&](int it) {

@@ -130,4 +130,19 @@ JAX_FLASH_DEFINE_WGMMA(__half, "f16", 64)
 JAX_FLASH_DEFINE_WGMMA(__half, "f16", 128)
 JAX_FLASH_DEFINE_WGMMA(__half, "f16", 256)
 
+
+// acc (+)= A B^T over the head dim, one commit group: A and B K-major (rows are m
+// and n), in the 64-column panels of sw128_desc, of kARows and kBRows rows.
+template <typename T, int N, int kD, int kARows, int kBRows>
+__device__ __forceinline__ void wgmma_over_head_dim(float (&acc)[N / 2], uint64_t a_desc,
+                                                    uint64_t b_desc) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t a_off = (kk / 4) * kARows * 128 + (kk % 4) * 32;
+    const uint32_t b_off = (kk / 4) * kBRows * 128 + (kk % 4) * 32;
+    Wgmma<T, N>::template ss<0, 0>(acc, a_desc + (a_off >> 4), b_desc + (b_off >> 4), kk > 0);
+  }
+  wgmma_commit();
+}
+
 }  // namespace jax_flash::sm90
