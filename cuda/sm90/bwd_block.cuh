@@ -75,7 +75,7 @@ struct BwdSmem {
     mbar_init(full_kv(), 1);
     for (int s = 0; s < K::kStages; ++s) {
       mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
-      mbar_init(empty(s), 8);      // one arrival per consumer warp
+      mbar_init(empty(s), K::kStageReleases);
     }
     mbar_init_fence();
   }

@@ -52,6 +52,7 @@ struct BwdKernel {
   static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kStageReleases = 8;  // one per consumer warp
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
   static constexpr int kDQCols = kD / 2;  // each warpgroup's share of dQ
