@@ -1,6 +1,8 @@
 // What the sm90 backward kernels share: the query blocks a key block visits,
 // its shared memory (K and V, then a ring of stages holding a query block's Q,
-// dO, lse and delta), and the producer warpgroup that fills that ring.
+// dO, lse and delta), the producer warpgroup that fills that ring, and the
+// producer warp that adds the consumers' finished dQ tiles to the fp32
+// accumulator.
 #pragma once
 
 #include <cuda.h>
@@ -8,6 +10,7 @@
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
+#include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../params.h"
 #include "hopper.cuh"
@@ -46,7 +49,9 @@ struct BwdWalk {
 
 // K and V, then K::kStages stages of (Q, dO, lse * log2(e) and delta), from the
 // first 1024-byte boundary of the dynamic shared memory; the barriers at
-// K::kBarOffset: K/V loaded, then each stage's full and empty.
+// K::kBarOffset: K/V loaded, each stage's full and empty, then the kernel's
+// K::kDQBarriers for handing over dQ tiles: 8 (1 + 2 kStages + kDQBarriers)
+// bytes.
 template <typename K>
 struct BwdSmem {
   uint8_t* raw;
@@ -69,6 +74,9 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t empty(int s) const {
     return full_kv() + 8 * (1 + K::kStages + s);
   }
+  __device__ __forceinline__ uint32_t dq_barrier(int i) const {
+    return full_kv() + 8 * (1 + 2 * K::kStages + i);
+  }
 
   // By one thread, before a __syncthreads.
   __device__ __forceinline__ void init_barriers() const {
@@ -77,6 +85,7 @@ struct BwdSmem {
       mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
       mbar_init(empty(s), K::kStageReleases);
     }
+    K::init_dq_barriers(*this);
     mbar_init_fence();
   }
 };
@@ -126,6 +135,54 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
       mbar_arrive(sm.full(s));
     }
   }
+}
+
+// The dQ adder, one thread of the producer warpgroup. Each consumer
+// warpgroup w writes its finished dQ tile of walk step `step` to shared memory
+// as K::kDQPanels panels of kBlockM queries x 32 head-dim columns (fp32,
+// 128-byte swizzled rows; panel c holds columns 32 (w K::kDQPanels + c) ..),
+// then each of its warps arrives at K::dq_full(sm, step, w). The adder has the
+// TMA unit add the panels into the accumulator, waits until they have left
+// shared memory and arrives at K::dq_free(sm, step, w). The consumers thus
+// never wait for the TMA unit. Deterministic: key block n adds both tiles of a
+// query block in its turn n, after block n - 1 (dq_turns.cuh).
+template <typename K, bool kDeterministic>
+__device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>& sm,
+                                           const BwdWalk& walk, int key_block) {
+  for (int step = 0; step < walk.steps; ++step) {
+    const int head = walk.head(step), m0 = walk.m0(step);
+    auto add = [&](int w) {
+#pragma unroll
+      for (int c = 0; c < K::kDQPanels; ++c)
+        tma_reduce_add_4d(&args.dq_accum, K::dq_panel(sm, step, w, c),
+                          32 * (w * K::kDQPanels + c), head, m0, walk.batch);
+    };
+    if constexpr (kDeterministic) {
+      const DQTurns turns(args.p, walk.batch, head, m0);
+      mbar_wait(K::dq_full(sm, step, 0), K::dq_parity(step));
+      mbar_wait(K::dq_full(sm, step, 1), K::dq_parity(step));
+      turns.wait(key_block);
+      fence_async_global();
+      add(0);
+      add(1);
+      bulk_commit();
+      bulk_wait();
+      fence_async_global();
+      turns.pass();
+      mbar_arrive(K::dq_free(sm, step, 0));
+      mbar_arrive(K::dq_free(sm, step, 1));
+    } else {
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        mbar_wait(K::dq_full(sm, step, w), K::dq_parity(step));
+        add(w);
+        bulk_commit();
+        bulk_wait_read();
+        mbar_arrive(K::dq_free(sm, step, w));
+      }
+    }
+  }
+  bulk_wait();
 }
 
 }  // namespace jax_flash::sm90

@@ -9,9 +9,8 @@
 //   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
 //   dQ += dS K                          (dS^T of both warpgroups via shared
 //                                        memory; each computes half of dQ's
-//                                        columns into shared memory and has
-//                                        the TMA unit add them into the fp32
-//                                        accumulator)
+//                                        columns into shared memory, for the
+//                                        dQ adder of bwd_block.cuh)
 // Causal query blocks that cannot see the key block are skipped, not masked.
 // A deterministic backward adds dQ in key-block order (dq_turns.cuh).
 #pragma once
@@ -20,7 +19,6 @@
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
-#include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -51,7 +49,8 @@ struct BwdKernel {
   static constexpr int kDSOffset = kStageOffset + kStages * kStageBytes;
   static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
-  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
+  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers) + 1024;
   static constexpr int kStageReleases = 8;  // one per consumer warp
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
@@ -60,6 +59,27 @@ struct BwdKernel {
   using AccKV = Accum<1, kD / 8>;
   using AccQ = Accum<1, kDQCols / 8>;
   static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
+
+  // The dQ adder's view (bwd_add_dq): each warpgroup has one dQ buffer in
+  // shared memory, panel c of warpgroup w at panel w kDQPanels + c.
+  static constexpr int kDQPanels = kDQCols / 32;
+  static __device__ __forceinline__ void init_dq_barriers(const BwdSmem<BwdKernel>& sm) {
+    for (int w = 0; w < 2; ++w) {
+      mbar_init(sm.dq_barrier(w), 4);      // staged: one arrival per warp
+      mbar_init(sm.dq_barrier(2 + w), 1);  // read out: the adder
+    }
+  }
+  static __device__ __forceinline__ uint32_t dq_full(const BwdSmem<BwdKernel>& sm, int, int w) {
+    return sm.dq_barrier(w);
+  }
+  static __device__ __forceinline__ uint32_t dq_parity(int step) { return step & 1; }
+  static __device__ __forceinline__ uint32_t dq_free(const BwdSmem<BwdKernel>& sm, int, int w) {
+    return sm.dq_barrier(2 + w);
+  }
+  static __device__ __forceinline__ uint32_t dq_panel(const BwdSmem<BwdKernel>& sm, int, int w,
+                                                      int c) {
+    return sm.base + kDQOffset + (w * kDQPanels + c) * kBlockM * 128;
+  }
   static __host__ __device__ TileOrder order(const BwdParams& p) {
     return {(p.shape.seq_k + kBlockN - 1) / kBlockN, p.shape.kv_heads, p.shape.batch, p.causal,
             /*last_tile_longest=*/false};
@@ -78,7 +98,6 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const BwdSmem<K> sm(smem_raw);
   const uint32_t smem = sm.base, sK = sm.k(), sV = sm.v();
   auto sdS = [&](int b) { return smem + K::kDSOffset + b * K::kDSBytes; };
-  const uint32_t sdQ = smem + K::kDQOffset;
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -93,7 +112,11 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    bwd_produce<K>(args, sm, walk, warp, lane);
+    if (warp < 2) {
+      bwd_produce<K>(args, sm, walk, warp, lane);
+    } else if (warp == 2 && lane == 0) {
+      bwd_add_dq<K, kDeterministic>(args, sm, walk, bi.tile);
+    }
     return;
   }
 
@@ -122,11 +145,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // that warpgroup w's dS^T rows of a step are in shared memory (w arrives, the
   // other waits, in the next step; w may arrive for two more steps before the
   // other has waited, since its turns at the tensor cores keep it at most a
-  // step ahead). 7 + w is warpgroup w's own, around its dQ tile in shared
-  // memory; 9 and 10 hold the turns.
+  // step ahead). 9 and 10 hold the turns.
   auto ds_ready = [](int wg, int step) { return 1 + 3 * wg + step % 3; };
-  const int dq_bar = 7 + consumer;
-  const bool dq_thread = (tid & 127) == 0;  // issues this warpgroup's dQ reductions
 
   // dQ[:, this warpgroup's columns] of a step = dS K over all 128 keys, once the
   // other warpgroup's dS^T rows are in shared memory too. Step -1's product
@@ -145,45 +165,26 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                                               k_cols_desc + ((kk * 2048) >> 4), kk > 0);
     wgmma_commit();
   };
-  // The finished dQ -> shared memory (fp32 in panels of 32 columns, 128-byte
-  // rows, swizzled), then one thread has the TMA unit add this warpgroup's
-  // panels into the fp32 accumulator (rows past the sequence are clipped).
-  auto add_dq = [&](int head, int m0) {
-    if (dq_thread) bulk_wait_read();  // the previous tile has left shared memory
-    named_barrier_sync(dq_bar, 128);
+  // The finished dQ of walk step `tile` -> this warpgroup's dQ buffer (fp32 in
+  // panels of 32 columns, 128-byte rows, swizzled), once the dQ adder has read
+  // out the previous tile.
+  auto stage_dq = [&](int tile) {
+    if (tile > 0) mbar_wait(K::dq_free(sm, tile - 1, consumer), K::dq_parity(tile - 1));
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
 #pragma unroll
       for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
-        const int col = consumer * K::kDQCols + K::AccQ::col(nt, 0, lane);
-        const uint32_t addr = sdQ + (col / 32) * kBlockM * 128 + row * 128 +
+        const int col = K::AccQ::col(nt, 0, lane);
+        const uint32_t addr = K::dq_panel(sm, tile, consumer, col / 32) + row * 128 +
                               ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
         asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
                      "f"(dq.x[0][nt][2 * h]), "f"(dq.x[0][nt][2 * h + 1]));
       }
     }
     fence_async_shared();
-    named_barrier_sync(dq_bar, 128);
-    if (dq_thread) {
-      // Deterministic: the two warpgroups of key block n take the query block's
-      // turns 2n and 2n + 1 in either order, after both of block n - 1.
-      const DQTurns turns(p, batch, head, m0);
-      if constexpr (kDeterministic) {
-        turns.wait(2 * bi.tile);
-        fence_async_global();
-      }
-      constexpr int kPanels = K::kDQCols / 32;
-#pragma unroll
-      for (int c = consumer * kPanels; c < (consumer + 1) * kPanels; ++c)
-        tma_reduce_add_4d(&args.dq_accum, sdQ + c * kBlockM * 128, c * 32, head, m0, batch);
-      bulk_commit();
-      if constexpr (kDeterministic) {
-        bulk_wait();
-        fence_async_global();
-        turns.pass();
-      }
-    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(K::dq_full(sm, tile, consumer));
   };
 
   // dV += P^T dO and dK += dS^T Q of the step whose Q/dO are in stage `s`
@@ -220,9 +221,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     turns.begin();
     mbar_wait(sm.full_kv(), 0);
   }
-  int prev_head = 0, prev_m0 = 0;
   for (int step = 0; step < steps; ++step) {
-    const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+    const int s = step % kStages, m0 = walk.m0(step);
     mbar_wait(sm.full(s), (step / kStages) & 1);
     // The lse of this thread's queries, read before the products start (and
     // delta before the exponentials): a shared-memory load issued while the
@@ -306,18 +306,15 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     pin_registers(dk_regs);
     pin_registers(dq_regs);
     release(s);
-    if (step > 0) add_dq(prev_head, prev_m0);
-    prev_head = head;
-    prev_m0 = m0;
+    if (step > 0) stage_dq(step - 1);
   }
   if (steps > 0) {
     issue_dq(steps - 1);
     wgmma_wait<0>();
     pin_registers(dq_regs);
-    add_dq(prev_head, prev_m0);
+    stage_dq(steps - 1);
     turns.finish();
   }
-  if (dq_thread) bulk_wait();
 
   // Epilogue: dK picks up the softmax scale here; dV needs none.
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;

@@ -14,17 +14,15 @@
 // (transposed) for the whole block. The two warpgroups meet twice per step:
 // once P/dS are complete, and once both are done reading them. Each finished
 // dQ^T goes to shared memory, into the stage's Q and dO panels that only its
-// warpgroup's products read, and a producer warp has the TMA unit add it to
-// the accumulator and then frees the stage: L2 takes these bulk additions
-// several times faster than the same bytes as per-thread atomics, and the
-// consumers never wait for the TMA unit.
+// warpgroup's products read, for the dQ adder (bwd_block.cuh), which frees the
+// stage once both tiles have left it: L2 takes these bulk additions several
+// times faster than the same bytes as per-thread atomics.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
-#include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -55,16 +53,28 @@ struct BwdWideKernel {
   static constexpr int kPOffset = kStageOffset + kStages * kStageBytes;
   static constexpr int kDSOffset = kPOffset + kPBytes;
   static constexpr int kBarOffset = kDSOffset + kPBytes;
-  // After BwdSmem's barriers, one per stage: the stage's dQ^T is staged.
-  static constexpr int kDQFullOffset = kBarOffset + 8 * (1 + 2 * kStages);
-  static constexpr int kSmemBytes = kDQFullOffset + 8 * kStages + 1024;
-  // The dQ adder frees a stage once the staged dQ^T has left it.
-  static constexpr int kStageReleases = 1;
-  // The shared memory a stage's dQ^T panel c (head-dim columns 32 c ..) is
-  // staged in: warpgroup c / 4's own Q (c % 4 < 2) or dO panels, the ones only
-  // its dV^T / dK^T products read.
-  static __device__ __forceinline__ uint32_t dq_panel(uint32_t q_stage, int c) {
-    return q_stage + (2 * (c / 4) + c % 2) * kBlockM * 128 + (c % 4 / 2) * kQBytes;
+  static constexpr int kDQBarriers = 2 * kStages;  // per stage and warpgroup: dQ^T staged
+  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers) + 1024;
+  static constexpr int kStageReleases = 2;  // the dQ adder, once per warpgroup's dQ^T
+
+  // The dQ adder's view (bwd_add_dq): warpgroup w's dQ^T panel c is staged in
+  // its own Q (c < 2) or dO panels, the ones only its dV^T / dK^T products read.
+  static constexpr int kDQPanels = kRowsPerWG / 32;
+  static __device__ __forceinline__ void init_dq_barriers(const BwdSmem<BwdWideKernel>& sm) {
+    for (int i = 0; i < kDQBarriers; ++i) mbar_init(sm.dq_barrier(i), 4);  // one per warp
+  }
+  static __device__ __forceinline__ uint32_t dq_full(const BwdSmem<BwdWideKernel>& sm, int step,
+                                                     int w) {
+    return sm.dq_barrier(2 * (step % kStages) + w);
+  }
+  static __device__ __forceinline__ uint32_t dq_parity(int step) { return (step / kStages) & 1; }
+  static __device__ __forceinline__ uint32_t dq_free(const BwdSmem<BwdWideKernel>& sm, int step,
+                                                     int) {
+    return sm.empty(step % kStages);
+  }
+  static __device__ __forceinline__ uint32_t dq_panel(const BwdSmem<BwdWideKernel>& sm, int step,
+                                                      int w, int c) {
+    return sm.q(step % kStages) + (2 * w + c % 2) * kBlockM * 128 + (c / 2) * kQBytes;
   }
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
@@ -99,42 +109,15 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
 
-  auto dq_full = [&](int s) { return smem + K::kDQFullOffset + 8 * s; };
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(dq_full(s), 8);  // one per consumer warp
-    sm.init_barriers();
-  }
+  if (tid == 0) sm.init_barriers();
   __syncthreads();
 
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    if (warp != 2) {
+    if (warp < 2) {
       bwd_produce<K>(args, sm, walk, warp, lane);
-    } else if (lane == 0) {
-      // The dQ adder: each step's staged dQ^T, 8 panels of 64 queries x 32
-      // head-dim columns, added by the TMA unit; once read, the stage is free.
-      // Deterministic: one turn per key block, in key-block order.
-      for (int step = 0; step < steps; ++step) {
-        const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
-        mbar_wait(dq_full(s), (step / kStages) & 1);
-        const DQTurns turns(p, batch, head, m0);
-        if constexpr (kDeterministic) {
-          turns.wait(bi.tile);
-          fence_async_global();
-        }
-#pragma unroll
-        for (int c = 0; c < 8; ++c)
-          tma_reduce_add_4d(&args.dq_accum, K::dq_panel(sm.q(s), c), 32 * c, head, m0, batch);
-        bulk_commit();
-        if constexpr (kDeterministic) {
-          bulk_wait();
-          fence_async_global();
-          turns.pass();
-        }
-        bulk_wait_read();
-        mbar_arrive(sm.empty(s));
-      }
-      bulk_wait();
+    } else if (warp == 2 && lane == 0) {
+      bwd_add_dq<K, kDeterministic>(args, sm, walk, bi.tile);
     }
     return;
   }
@@ -284,13 +267,13 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
         for (int i = 0; i < 4; ++i) {
           const int d = mt * 64 + (warp & 3) * 16 + K::AccT::row(0, i, lane);
           const int q = K::AccT::col(nt, i, lane), col = d % 32;
-          const uint32_t addr =
-              K::dq_panel(sm.q(s), d0 / 32 + d / 32) + q * 128 + (((col / 4) ^ (q & 7)) << 4) + (col % 4) * 4;
+          const uint32_t addr = K::dq_panel(sm, step, consumer, d / 32) + q * 128 +
+                                (((col / 4) ^ (q & 7)) << 4) + (col % 4) * 4;
           asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(dqt[mt].x[0][nt][i]));
         }
     fence_async_shared();
     __syncwarp();
-    if (lane == 0) mbar_arrive(dq_full(s));
+    if (lane == 0) mbar_arrive(K::dq_full(sm, step, consumer));
   }
 
   // Epilogue: dK^T and dV^T (rows = head dim, columns = keys) written
