@@ -2,7 +2,7 @@
 // its shared memory (K and V, then a ring of stages holding a query block's Q,
 // dO, lse and delta), the producer warpgroup that fills that ring, and the
 // producer warp that adds the consumers' finished dQ tiles to the fp32
-// accumulator.
+// accumulator, and the host code that launches a backward.
 #pragma once
 
 #include <cuda.h>
@@ -14,6 +14,7 @@
 #include "../common/mask.cuh"
 #include "../params.h"
 #include "hopper.cuh"
+#include "host.h"
 
 namespace jax_flash::sm90 {
 
@@ -183,6 +184,31 @@ __device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>
     }
   }
   bulk_wait();
+}
+
+// The backward's three launches: the preprocess pass, kernel K (its
+// deterministic instantiation when p.dq_turns is set) and the dQ conversion.
+template <typename T, int kD, typename K>
+cudaError_t launch_bwd_passes(void (*deterministic)(BwdArgs), void (*plain)(BwdArgs),
+                              const BwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  BwdArgs args;
+  args.p = p;
+  cudaError_t err;
+  if ((err = dq_accum_tensor_map(&args.dq_accum, sh, p.dq_accum, K::kBlockM)) != cudaSuccess ||
+      (err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
+      (err = query_tensor_map<T>(&args.dout, sh, p.dout, K::kBlockM)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
+      (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
+    return err;
+  auto kernel = p.dq_turns != nullptr ? deterministic : plain;
+  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  K::kSmemBytes)) != cudaSuccess)
+    return err;
+  launch_bwd_preprocess<T, kD>(p, stream);
+  kernel<<<K::order(p).grid(), K::kThreads, K::kSmemBytes, stream>>>(args);
+  launch_bwd_convert_dq<T, kD>(p, stream);
+  return cudaGetLastError();
 }
 
 }  // namespace jax_flash::sm90

@@ -24,7 +24,6 @@
 #include "../params.h"
 #include "bwd_block.cuh"
 #include "hopper.cuh"
-#include "host.h"
 #include "tile_sizes.h"
 #include "wgmma.cuh"
 
@@ -338,27 +337,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
 template <typename T, int kD>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  using K = BwdKernel<T, kD>;
-  const AttentionShape& sh = p.shape;
-  BwdArgs args;
-  args.p = p;
-  cudaError_t err;
-  if ((err = dq_accum_tensor_map(&args.dq_accum, sh, p.dq_accum, K::kBlockM)) != cudaSuccess ||
-      (err = query_tensor_map<T>(&args.q, sh, p.q, K::kBlockM)) != cudaSuccess ||
-      (err = query_tensor_map<T>(&args.dout, sh, p.dout, K::kBlockM)) != cudaSuccess ||
-      (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
-      (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
-    return err;
-  auto kernel = p.dq_turns != nullptr ? flash_bwd_kernel<T, kD, true>
-                                      : flash_bwd_kernel<T, kD, false>;
-  if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  K::kSmemBytes)) != cudaSuccess)
-    return err;
-  launch_bwd_preprocess<T, kD>(p, stream);
-  kernel<<<K::order(p).grid(),
-           K::kThreads, K::kSmemBytes, stream>>>(args);
-  launch_bwd_convert_dq<T, kD>(p, stream);
-  return cudaGetLastError();
+  return launch_bwd_passes<T, kD, BwdKernel<T, kD>>(flash_bwd_kernel<T, kD, true>,
+                                                    flash_bwd_kernel<T, kD, false>, p, stream);
 }
 
 }  // namespace jax_flash::sm90
