@@ -186,6 +186,20 @@ __device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>
   bulk_wait();
 }
 
+// The producer warpgroup's roles: warps 0 and 1 fill the stages
+// (bwd_produce), one lane of warp 2 is the dQ adder, warp 3 has nothing to do.
+template <typename K, bool kDeterministic>
+__device__ __forceinline__ void bwd_producer_warpgroup(const BwdArgs& args, const BwdSmem<K>& sm,
+                                                       const BwdWalk& walk, int key_block,
+                                                       int warp, int lane) {
+  regs_shrink<K::kProducerRegs>();
+  if (warp < 2) {
+    bwd_produce<K>(args, sm, walk, warp, lane);
+  } else if (warp == 2 && lane == 0) {
+    bwd_add_dq<K, kDeterministic>(args, sm, walk, key_block);
+  }
+}
+
 // The backward's three launches: the preprocess pass, kernel K (its
 // deterministic instantiation when p.dq_turns is set) and the dQ conversion.
 template <typename T, int kD, typename K>

@@ -110,12 +110,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    regs_shrink<K::kProducerRegs>();
-    if (warp < 2) {
-      bwd_produce<K>(args, sm, walk, warp, lane);
-    } else if (warp == 2 && lane == 0) {
-      bwd_add_dq<K, kDeterministic>(args, sm, walk, bi.tile);
-    }
+    bwd_producer_warpgroup<K, kDeterministic>(args, sm, walk, bi.tile, warp, lane);
     return;
   }
 

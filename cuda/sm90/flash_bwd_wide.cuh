@@ -112,12 +112,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    regs_shrink<K::kProducerRegs>();
-    if (warp < 2) {
-      bwd_produce<K>(args, sm, walk, warp, lane);
-    } else if (warp == 2 && lane == 0) {
-      bwd_add_dq<K, kDeterministic>(args, sm, walk, bi.tile);
-    }
+    bwd_producer_warpgroup<K, kDeterministic>(args, sm, walk, bi.tile, warp, lane);
     return;
   }
 
@@ -154,22 +149,10 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
     auto& s_regs = flat<K::AccS::kNT * 4>(st);
     auto& dp_regs = flat<K::AccS::kNT * 4>(dpt);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-      const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(s_regs, sw128_desc(sm.q(s) + q_off, 16),
-                                                 sw128_desc(sK + k_off, 16), kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t q_off = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
-      const uint32_t k_off = (kk / 4) * kBlockN * 128 + key0 * 128 + (kk % 4) * 32;
-      Wgmma<T, K::kKeysPerWG>::template ss<0, 0>(dp_regs, sw128_desc(sm.dout(s) + q_off, 16),
-                                                 sw128_desc(sV + k_off, 16), kk > 0);
-    }
-    wgmma_commit();
+    wgmma_over_head_dim<T, K::kKeysPerWG, kD, kBlockM, kBlockN>(
+        s_regs, sw128_desc(sm.q(s), 16), sw128_desc(sK + key0 * 128, 16));
+    wgmma_over_head_dim<T, K::kKeysPerWG, kD, kBlockM, kBlockN>(
+        dp_regs, sw128_desc(sm.dout(s), 16), sw128_desc(sV + key0 * 128, 16));
 
     wgmma_wait<1>();
     pin_registers(s_regs);
