@@ -11,7 +11,10 @@ One full AdamW training step (forward, backward, update) in bf16 compute with
 float32 parameters, jitted with donated state; every attention in the same
 process. Step time is the median of repeats; memory is the compiled step's
 temporary bytes (`memory_analysis()`), arguments (params + optimizer state +
-tokens) listed apart.
+tokens) listed apart. The XLA_FLAGS of the run go into its rows and table: XLA
+leaves custom calls (jax_flash's kernels) out of its command buffers unless
+`--xla_gpu_enable_command_buffer=+CUSTOM_CALL` is among them (README,
+Performance).
 
   python benchmarks/bench_e2e.py --out-dir results
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -65,7 +69,7 @@ def initial_params(shape: dict, max_len: int):
 def measure(model_name: str, shape: dict, attention: str, batch: int, seq: int,
             timing: Timing, run: bool = True, max_len: int | None = None) -> dict:
   row = dict(model=model_name, attention=attention, batch=batch, seq=seq,
-             tokens=batch * seq)
+             tokens=batch * seq, xla_flags=os.environ.get("XLA_FLAGS", "").strip())
   try:
     cfg = Config(max_len=max_len or seq, attention=attention, dtype="bfloat16", **shape)
     model = Transformer(cfg)
@@ -124,6 +128,8 @@ def markdown(rows, command: str, seconds: float, device: str | None = None,
          + "bf16 compute, fp32 params, AdamW; ms = median step time; "
          "temp GiB = compiled temporary memory of the step (params and optimizer state, "
          "the same for all, excluded)." + (f" Took {seconds:.0f} s." if seconds else ""), ""]
+  flags = sorted({r.get("xla_flags", "") for r in rows})
+  out[-1:-1] = ["", "XLA_FLAGS: " + " / ".join(f"`{f}`" if f else "(none)" for f in flags)]
   steps = [r for r in rows if r["model"] != "gpt2-small-longest"]
   keys = sorted({(r["model"], r["seq"], r["batch"]) for r in steps},
                 key=lambda k: (k[0] != "gpt2-small", k[1]))
