@@ -41,23 +41,33 @@ struct BwdKernel {
   static constexpr int kDSBytes = kBlockN * kBlockM * 2;
   static constexpr int kDQBytes = kBlockM * kD * 4;  // a step's dQ, fp32
   static constexpr int kDSBuffers = 3;  // see the dS^T store
+  static constexpr int kQTiles = kBlockM / 64;  // m64 tiles of a step's queries (dQ)
   // Shared memory: K, V, the stages (Q, dO, lse, delta), the dS^T buffers, dQ, barriers.
   static constexpr int kStageBytes = 2 * kQBytes + 1024;
+  static_assert(8 * kBlockM <= 1024, "lse and delta of a stage");
   static constexpr int kVOffset = kKVBytes;
   static constexpr int kStageOffset = 2 * kKVBytes;
   static constexpr int kDSOffset = kStageOffset + kStages * kStageBytes;
   static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
-  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers) + 1024;
+  static constexpr int kUsedBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers);
+  // Up to 1024 bytes more to align the base (BwdSmem), as far as the limit
+  // allows; the kernel checks that its base fits (in practice the dynamic shared
+  // memory starts 1024-aligned).
+  static constexpr int kSmemBytes =
+      kUsedBytes + 1024 <= kMaxSmemBytes ? kUsedBytes + 1024 : kMaxSmemBytes;
+  static_assert(kUsedBytes <= kMaxSmemBytes);
   static constexpr int kStageReleases = 8;  // one per consumer warp
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
   static constexpr int kDQCols = kD / 2;  // each warpgroup's share of dQ
   using AccS = Accum<1, kBlockM / 8>;
   using AccKV = Accum<1, kD / 8>;
-  using AccQ = Accum<1, kDQCols / 8>;
-  static_assert(kBlockM == 64, "dS^T rows are one 128-byte panel of queries");
+  using AccQ = Accum<1, kDQCols / 8>;  // one per m64 tile of queries
+  // The lse and delta of a thread's queries in registers for the whole step
+  // (see the loop); at 128 queries they would take 64 registers.
+  static constexpr bool kStatsInRegisters = kBlockM == 64;
 
   // The dQ adder's view (bwd_add_dq): each warpgroup has one dQ buffer in
   // shared memory, panel c of warpgroup w at panel w kDQPanels + c.
@@ -106,7 +116,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
 
-  if (tid == 0) sm.init_barriers();
+  if (tid == 0) {
+    if (sm.base + K::kUsedBytes > smem_u32(smem_raw) + K::kSmemBytes) __trap();
+    sm.init_barriers();
+  }
   __syncthreads();
 
   if (warpgroup == 0) {
@@ -146,18 +159,25 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // other warpgroup's dS^T rows are in shared memory too. Step -1's product
   // (of whatever the buffer holds) is issued and discarded: a product issued
   // on only some paths of the loop would make ptxas serialize every wgmma.
-  typename K::AccQ dq;
-  auto& dq_regs = flat<K::AccQ::kNT * 4>(dq);
+  typename K::AccQ dq[K::kQTiles];
+  auto dq_regs = [&](int mq) -> auto& { return flat<K::AccQ::kNT * 4>(dq[mq]); };
   auto issue_dq = [&](int step) {
     if (step >= 0) named_barrier_sync(ds_ready(1 - consumer, step), 256);
     const int buffer = (step + K::kDSBuffers) % K::kDSBuffers;
-    const uint64_t ds_desc = sw128_desc(sdS(buffer), kBlockN * 128);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs, ds_desc + ((kk * 2048) >> 4),
-                                              k_cols_desc + ((kk * 2048) >> 4), kk > 0);
+    for (int mq = 0; mq < K::kQTiles; ++mq) {
+      const uint64_t ds_desc = sw128_desc(sdS(buffer) + mq * kBlockN * 128, kBlockN * 128);
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs(mq), ds_desc + ((kk * 2048) >> 4),
+                                                k_cols_desc + ((kk * 2048) >> 4), kk > 0);
+    }
     wgmma_commit();
+  };
+  auto pin_dq = [&] {
+#pragma unroll
+    for (int mq = 0; mq < K::kQTiles; ++mq) pin_registers(dq_regs(mq));
   };
   // The finished dQ of walk step `tile` -> this warpgroup's dQ buffer (fp32 in
   // panels of 32 columns, 128-byte rows, swizzled), once the dQ adder has read
@@ -165,17 +185,19 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   auto stage_dq = [&](int tile) {
     if (tile > 0) mbar_wait(K::dq_free(sm, tile - 1, consumer), K::dq_parity(tile - 1));
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
+    for (int mq = 0; mq < K::kQTiles; ++mq)
 #pragma unroll
-      for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
-        const int col = K::AccQ::col(nt, 0, lane);
-        const uint32_t addr = K::dq_panel(sm, tile, consumer, col / 32) + row * 128 +
-                              ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
-                     "f"(dq.x[0][nt][2 * h]), "f"(dq.x[0][nt][2 * h + 1]));
+      for (int h = 0; h < 2; ++h) {
+        const int row = mq * 64 + (warp & 3) * 16 + K::AccQ::row(0, 2 * h, lane);
+#pragma unroll
+        for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
+          const int col = K::AccQ::col(nt, 0, lane);
+          const uint32_t addr = K::dq_panel(sm, tile, consumer, col / 32) + row * 128 +
+                                ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
+                       "f"(dq[mq].x[0][nt][2 * h]), "f"(dq[mq].x[0][nt][2 * h + 1]));
+        }
       }
-    }
     fence_async_shared();
     __syncwarp();
     if (lane == 0) mbar_arrive(K::dq_full(sm, tile, consumer));
@@ -230,7 +252,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
         lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
     };
-    if constexpr (!kDeterministic) read_lse();
+    if constexpr (K::kStatsInRegisters && !kDeterministic) read_lse();
     turns.wait();
 
     // S^T and dP^T, rows = keys, cols = queries.
@@ -247,18 +269,23 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
     wgmma_wait<1>();
     pin_registers(st_regs);
-    if constexpr (kDeterministic) read_lse();
+    if constexpr (K::kStatsInRegisters) {
+      if constexpr (kDeterministic) read_lse();
 #pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt)
-      delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+        delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+    }
     // The mask in a loop of its own: a branch between exponentials makes each
     // wait for the previous one's result.
 #pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+    for (int nt = 0; nt < K::AccS::kNT; ++nt) {
+      if constexpr (!K::kStatsInRegisters)
+        lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         st.x[0][nt][i] =
             fast_exp2(fmaf(st.x[0][nt][i], scale_log2, i & 1 ? -lse[nt].y : -lse[nt].x));
+    }
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
@@ -270,15 +297,19 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     wgmma_wait<0>();
     pin_registers(dpt_regs);
 #pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt)
+    for (int nt = 0; nt < K::AccS::kNT; ++nt) {
+      if constexpr (!K::kStatsInRegisters)
+        delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - (i & 1 ? delta[nt].y : delta[nt].x));
+    }
     accum_to_a_frags<T>(p_frags, st);
     accum_to_a_frags<T>(ds_frags, dpt);
 
-    // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled),
-    // where the dQ product reads it as an M-major operand. The buffer was last
+    // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled;
+    // a panel of kBlockN rows per 64 queries), where the dQ product reads it as
+    // an M-major operand. The buffer was last
     // read by dQ(step - 3), which both warpgroups waited for in step - 2: this
     // one itself, the other before passing its turn of step - 1.
     const uint32_t ds_buf = sdS(step % K::kDSBuffers);
@@ -287,7 +318,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = key_row0 + K::AccS::row(0, 2 * h, lane);
-        const uint32_t addr = ds_buf + row * 128 + ((nt ^ (row & 7)) << 4) + (lane & 3) * 4;
+        const uint32_t addr = ds_buf + (nt / 8) * kBlockN * 128 + row * 128 +
+                              (((nt % 8) ^ (row & 7)) << 4) + (lane & 3) * 4;
         asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
       }
     fence_async_shared();
@@ -298,14 +330,14 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     wgmma_wait<0>();
     pin_registers(dv_regs);
     pin_registers(dk_regs);
-    pin_registers(dq_regs);
+    pin_dq();
     release(s);
     if (step > 0) stage_dq(step - 1);
   }
   if (steps > 0) {
     issue_dq(steps - 1);
     wgmma_wait<0>();
-    pin_registers(dq_regs);
+    pin_dq();
     stage_dq(steps - 1);
     turns.finish();
   }

@@ -8,6 +8,9 @@
 
 namespace jax_flash::sm90 {
 
+// The most dynamic shared memory a block may opt into (227 KB).
+inline constexpr int kMaxSmemBytes = 227 * 1024;
+
 // --- mbarrier: a shared-memory barrier whose phases complete when the expected
 // arrivals (and, for TMA, the expected bytes) have come in.
 

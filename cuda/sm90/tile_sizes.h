@@ -19,7 +19,7 @@ template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 
 
 template <int kHeadDim>
 struct BwdTile;
-template <> struct BwdTile<64>  { static constexpr int kBlockM = 64, kStages = 2; };
+template <> struct BwdTile<64>  { static constexpr int kBlockM = 128, kStages = 2; };
 template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; };
 template <> struct BwdTile<256> { static constexpr int kBlockM = 64, kStages = 2; };
 
