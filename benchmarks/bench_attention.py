@@ -13,7 +13,9 @@ runs in the same process on the same GPU:
   jax_flash_det  jax_flash.flash_attention(implementation="cuda", deterministic=True),
                  on request
 
-FLOPs: forward 4*b*h*sq*sk*d (halved when causal), forward+backward 3.5x that.
+Time: the median of 5 repeats of at least 20 ms each, the peers of a cell taking
+turns repeat by repeat. FLOPs: forward 4*b*h*sq*sk*d (halved when causal),
+forward+backward 3.5x that.
 Memory: temp bytes of the compiled executable (`memory_analysis()`), known even
 where running it would not fit.
 
@@ -131,21 +133,31 @@ class Timing:
   max_iters: int = 1000
 
 
+def time_calls(fns, args, timing: Timing) -> list[float]:
+  """Median seconds per call of each already compiled fn. The fns take turns,
+  one repeat each, so that the GPU's clock and temperature drift over the
+  measurement reaches all of them alike."""
+  iters = []
+  for fn in fns:
+    jax.block_until_ready(fn(*args))  # warm-up
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = time.perf_counter() - t0
+    iters.append(max(1, min(timing.max_iters, math.ceil(timing.min_repeat_s / once))))
+  per_call = [[] for _ in fns]
+  for _ in range(timing.repeats):
+    for fn, n, times in zip(fns, iters, per_call):
+      t0 = time.perf_counter()
+      for _ in range(n):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / n)
+  return [statistics.median(times) for times in per_call]
+
+
 def time_call(fn, args, timing: Timing) -> float:
   """Median seconds per call of an already compiled fn."""
-  jax.block_until_ready(fn(*args))  # warm-up
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - t0
-  iters = max(1, min(timing.max_iters, math.ceil(timing.min_repeat_s / once)))
-  per_call = []
-  for _ in range(timing.repeats):
-    t0 = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    per_call.append((time.perf_counter() - t0) / iters)
-  return statistics.median(per_call)
+  return time_calls([fn], args, timing)[0]
 
 
 def _error_text(e: BaseException) -> str:
@@ -161,7 +173,8 @@ def _device_memory_bytes() -> int | None:
     return None
 
 
-def measure(peer: str, cell: Cell, args, timing: Timing):
+def compile_peer(peer: str, cell: Cell, args):
+  """The cell's row for a peer and its compiled step (None if it cannot run)."""
   row = dict(peer=peer, dtype=args[0].dtype.name, d=cell.head_dim, s=cell.seq,
              b=cell.batch, h=cell.heads, causal=cell.causal, mode=cell.mode)
   try:
@@ -177,13 +190,28 @@ def measure(peer: str, cell: Cell, args, timing: Timing):
         row["error"] = (f"RESOURCE_EXHAUSTED: temp memory "
                         f"{row['temp_bytes'] / 2**30:.1f} GiB exceeds the "
                         f"device's {limit / 2**30:.1f} GiB (not run)")
-        return row
-    seconds = time_call(compiled, args, timing)
-    row["ms"] = seconds * 1e3
-    row["tflops"] = cell.flops / seconds / 1e12
+        return row, None
+    jax.block_until_ready(compiled(*args))  # a failure to run is the peer's error
+    return row, compiled
   except Exception as e:  # noqa: BLE001 - every failure is a result to record
     row["error"] = _error_text(e)
-  return row
+    return row, None
+
+
+def measure_cell(peers, cell: Cell, args, timing: Timing) -> list[dict]:
+  """One row per peer; the peers that run are timed side by side (time_calls)."""
+  compiled = [compile_peer(peer, cell, args) for peer in peers]
+  runnable = [(row, fn) for row, fn in compiled if fn is not None]
+  try:
+    seconds = time_calls([fn for _, fn in runnable], args, timing)
+  except Exception as e:  # noqa: BLE001 - every failure is a result to record
+    for row, _ in runnable:
+      row["error"] = _error_text(e)
+    return [row for row, _ in compiled]
+  for (row, _), t in zip(runnable, seconds):
+    row["ms"] = t * 1e3
+    row["tflops"] = cell.flops / t / 1e12
+  return [row for row, _ in compiled]
 
 
 def matmul_rate(dtype, n: int = 8192) -> float:
@@ -223,8 +251,7 @@ def run_sweep(args, cells, timing, log_file):
             f"{len(cells) - i} cells not run", flush=True)
       return rows, len(cells) - i
     inputs = make_inputs(cell, dtype, seed=i)
-    for peer in args.peers:
-      row = measure(peer, cell, inputs, timing)
+    for row in measure_cell(args.peers, cell, inputs, timing):
       rows.append(row)
       log_file.write(json.dumps(row) + "\n")
       log_file.flush()
