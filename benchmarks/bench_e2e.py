@@ -9,9 +9,10 @@
 
 One full AdamW training step (forward, backward, update) in bf16 compute with
 float32 parameters, jitted with donated state; every attention in the same
-process. Step time is the median of repeats; memory is the compiled step's
-temporary bytes (`memory_analysis()`), arguments (params + optimizer state +
-tokens) listed apart. The XLA_FLAGS of the run go into its rows and table: XLA
+process. Step time is the median of repeats, the attentions of a shape taking
+turns repeat by repeat; memory is the compiled step's temporary bytes
+(`memory_analysis()`), arguments (params + optimizer state + tokens) listed
+apart. The XLA_FLAGS of the run go into its rows and table: XLA
 leaves custom calls (jax_flash's kernels) out of its command buffers unless
 `--xla_gpu_enable_command_buffer=+CUSTOM_CALL` is among them (README,
 Performance).
@@ -35,7 +36,7 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_attention import Timing, _default_name, _device_memory_bytes, _error_text, time_call  # noqa: E402
+from bench_attention import Timing, _default_name, _device_memory_bytes, _error_text, time_calls  # noqa: E402
 from models import ATTENTION, Config, Transformer, next_token_loss  # noqa: E402
 
 GPT2_SMALL = dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, causal=True)
@@ -66,15 +67,25 @@ def initial_params(shape: dict, max_len: int):
   return _PARAMS[key]
 
 
-def measure(model_name: str, shape: dict, attention: str, batch: int, seq: int,
-            timing: Timing, run: bool = True, max_len: int | None = None) -> dict:
+_RUN_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE")
+
+
+def step_tokens(shape: dict, batch: int, seq: int):
+  return jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, shape["vocab_size"])
+
+
+def compile_step(model_name: str, shape: dict, attention: str, batch: int, seq: int,
+                 run: bool = True, max_len: int | None = None):
+  """The step's row (compile time, memory) and a function that runs one step on
+  its own copy of the training state (None where the step cannot run)."""
   row = dict(model=model_name, attention=attention, batch=batch, seq=seq,
-             tokens=batch * seq, xla_flags=os.environ.get("XLA_FLAGS", "").strip())
+             tokens=batch * seq, xla_flags=os.environ.get("XLA_FLAGS", "").strip(),
+             env={k: os.environ[k] for k in _RUN_ENV[1:] if k in os.environ})
   try:
     cfg = Config(max_len=max_len or seq, attention=attention, dtype="bfloat16", **shape)
     model = Transformer(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
-    # Donation consumes the state: each measurement gets its own copy.
+    tokens = step_tokens(shape, batch, seq)
+    # Donation consumes the state: each step function gets its own copy.
     params = jax.tree.map(jnp.copy, initial_params(shape, cfg.max_len))
     optimizer, step = train_step_fn(model)
     opt_state = jax.jit(optimizer.init)(params)
@@ -89,22 +100,39 @@ def measure(model_name: str, shape: dict, attention: str, batch: int, seq: int,
       row["error"] = (f"RESOURCE_EXHAUSTED: step needs "
                       f"{(row['temp_bytes'] + row['arg_bytes']) / 2**30:.1f} GiB, the device "
                       f"has {limit / 2**30:.1f} GiB (not run)")
-      return row
+      return row, None
     if not run:
-      return row
+      return row, None
     state = [params, opt_state]
 
     def one_step(tokens):
       state[0], state[1], loss = compiled(state[0], state[1], tokens)
       return loss
 
-    seconds = time_call(one_step, (tokens,), timing)
-    row["ms"] = seconds * 1e3
-    row["tokens_per_s"] = batch * seq / seconds
-    row["loss"] = float(one_step(tokens))
+    jax.block_until_ready(one_step(tokens))  # a failure to run is the attention's error
+    return row, one_step
   except Exception as e:  # noqa: BLE001 - every failure is a result to record
     row["error"] = _error_text(e)
-  return row
+    return row, None
+
+
+def measure(model_name: str, shape: dict, attentions: list[str], batch: int, seq: int,
+            timing: Timing, max_len: int | None = None) -> list[dict]:
+  """One row per attention. The steps that run take turns, one repeat each
+  (time_calls), so that drift in the GPU's clocks reaches all of them alike."""
+  steps = [compile_step(model_name, shape, a, batch, seq, max_len=max_len) for a in attentions]
+  runnable = [(row, fn) for row, fn in steps if fn is not None]
+  tokens = step_tokens(shape, batch, seq)
+  try:
+    seconds = time_calls([fn for _, fn in runnable], (tokens,), timing)
+    for (row, fn), sec in zip(runnable, seconds):
+      row["ms"] = sec * 1e3
+      row["tokens_per_s"] = batch * seq / sec
+      row["loss"] = float(fn(tokens))
+  except Exception as e:  # noqa: BLE001 - every failure is a result to record
+    for row, _ in runnable:
+      row["error"] = _error_text(e)
+  return [row for row, _ in steps]
 
 
 def _cell(row, key, fmt):
@@ -130,6 +158,9 @@ def markdown(rows, command: str, seconds: float, device: str | None = None,
          "the same for all, excluded)." + (f" Took {seconds:.0f} s." if seconds else ""), ""]
   flags = sorted({r.get("xla_flags", "") for r in rows})
   out[-1:-1] = ["", "XLA_FLAGS: " + " / ".join(f"`{f}`" if f else "(none)" for f in flags)]
+  env = sorted({f"{k}={v}" for r in rows for k, v in r.get("env", {}).items()})
+  if env:
+    out[-1:-1] = ["", "Environment: " + ", ".join(f"`{e}`" for e in env)]
   steps = [r for r in rows if r["model"] != "gpt2-small-longest"]
   keys = sorted({(r["model"], r["seq"], r["batch"]) for r in steps},
                 key=lambda k: (k[0] != "gpt2-small", k[1]))
@@ -231,23 +262,23 @@ def main(argv=None):
 
   seqs = [int(s) for s in args.seqs.split(",") if s]
   for seq in seqs:
-    for a in attentions:
-      record(measure("gpt2-small", GPT2_SMALL, a, args.tokens // seq, seq, timing,
-                     max_len=max(seqs)))
+    for row in measure("gpt2-small", GPT2_SMALL, attentions, args.tokens // seq, seq, timing,
+                       max_len=max(seqs)):
+      record(row)
   if args.bert_batch:
-    for a in attentions:
-      record(measure("bert-large", BERT_LARGE, a, args.bert_batch, 512, timing))
+    for row in measure("bert-large", BERT_LARGE, attentions, args.bert_batch, 512, timing):
+      record(row)
   for a in attentions:
     fitted = None
     for seq in (int(s) for s in args.longest.split(",") if s):
-      row = measure("gpt2-small-longest", GPT2_SMALL, a, 1, seq, timing, run=False)
+      row, _ = compile_step("gpt2-small-longest", GPT2_SMALL, a, 1, seq, run=False)
       record(row)
       if "error" in row:
         break
       fitted = seq
     if fitted is not None:
-      record(measure("gpt2-small-longest", GPT2_SMALL, a, 1, fitted,
-                     Timing(repeats=1, min_repeat_s=0.0, max_iters=1)))
+      record(*measure("gpt2-small-longest", GPT2_SMALL, [a], 1, fitted,
+                      Timing(repeats=1, min_repeat_s=0.0, max_iters=1)))
   seconds = time.perf_counter() - t_start
   command = "python benchmarks/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
   md = markdown(rows, command.strip(), seconds)
