@@ -456,6 +456,8 @@ def parse_args(argv=None):
                  default=pathlib.Path("benchmarks/results"))
   p.add_argument("--name", default=None,
                  help="output file stem (default <gpu>-<date>)")
+  p.add_argument("--repeats", type=int, default=Timing.repeats,
+                 help="timed repeats per cell (the median is reported)")
   p.add_argument("--quick", action="store_true",
                  help="fewer timing repeats, and seq 1k/4k/16k unless --seqs")
   p.add_argument("--time-limit-s", type=float, default=0,
@@ -484,7 +486,7 @@ def main(argv=None):
   if device.platform != "gpu" and not args.allow_cpu:
     sys.exit(f"no GPU visible to JAX (found {device}); pass --allow-cpu to "
              "run this benchmark anyway")
-  timing = Timing(repeats=2, min_repeat_s=0.01) if args.quick else Timing()
+  timing = Timing(repeats=2, min_repeat_s=0.01) if args.quick else Timing(repeats=args.repeats)
   cells = list(sweep_cells(args.seqs, args.head_dims, args.modes, args.tokens,
                            args.hidden))
   name = args.name or _default_name()

@@ -100,6 +100,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   const TileOrder order = K::order(p);
   const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
   auto key_blocks = [&](int m0) { return (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN; };
+  // Tiles end at the last query, so that a length that is not a multiple of
+  // kBlockM leaves its rows before 0 in the first tile (Q reads them as zeros;
+  // nothing writes them): under a causal mask that tile is the shortest, where
+  // the rows past the end of a last tile would have cost a whole key row.
+  const int row_pad = order.tiles * kBlockM - sh.seq_q;
+  auto tile_m0 = [&](int tile) { return tile * kBlockM - row_pad; };
 
   if (tid == 0) {
     mbar_init(full_q, 1);
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
         const BlockIndex bi = read_tile(k);
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
-        const int m0 = bi.tile * kBlockM, kv_head = bi.head / (sh.heads / sh.kv_heads);
+        const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
         const int n_blocks = key_blocks(m0);
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (n_blocks - 1 - i) * kBlockN, s = it % kStages;
@@ -233,7 +239,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     const BlockIndex bi = read_tile(k);
     release(empty_tile(k));
     if (bi.batch < 0) break;
-    const int m0 = bi.tile * kBlockM;
+    const int m0 = tile_m0(bi.tile);
     const int n_blocks = key_blocks(m0);
     o.zero();
     OnlineSoftmax<1> softmax;
@@ -304,7 +310,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
-      if (m0 + row >= sh.seq_q) continue;
+      if (m0 + row < 0) continue;
       T* dst = out + row * row_stride;
 #pragma unroll
       for (int nt = 0; nt < K::AccO::kNT; ++nt)
