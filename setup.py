@@ -3,7 +3,8 @@
 The kernel library (`jax_flash/_lib/libjax_flash_cuda.so`) is a plain shared
 object with C-linkage XLA FFI handlers and the CUDA runtime linked statically; it
 has no Python ABI, so one build serves every Python version. Without nvcc the
-package installs the portable path only.
+package installs the portable path only. The sources, compilation units and
+compiler flags come from cuda/kernel_units.bzl, which the Bazel build reads too.
 
 Environment variables:
   JAX_FLASH_CUDA_ARCHS   compute capabilities to compile for (default "80;90"); the
@@ -30,49 +31,32 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = pathlib.Path(__file__).parent.resolve()
 CUDA_DIR = ROOT / "cuda"
-LIB_NAME = "libjax_flash_cuda.so"
 
-ALL_HEAD_DIMS = ("64", "128", "256")
-ALL_DTYPES = ("bf16", "f16")
-HOST_SOURCES = ("ffi/flash_ffi.cc", "kernel_registry.cc")
-# Passes with sm90 kernels; what they lack (the head_dim 256 backward) runs the
-# sm80 kernel on Hopper too.
-SM90_PASSES = ("fwd", "bwd")
+
+def _load_kernel_units():
+  """cuda/kernel_units.bzl, the source and unit list Bazel reads too, as a module."""
+  namespace = {}
+  path = CUDA_DIR / "kernel_units.bzl"
+  exec(compile(path.read_text(), str(path), "exec"), namespace)
+  return namespace
+
+
+UNITS = _load_kernel_units()
 
 
 def _list_env(name, default, allowed):
-  values = [v.strip() for v in os.environ.get(name, default).replace(";", ",").split(",")
-            if v.strip()]
-  bad = [v for v in values if allowed is not None and v not in allowed]
-  if bad or not values:
-    raise SystemExit(f"{name}={os.environ.get(name)!r}: allowed values are "
-                     f"{', '.join(allowed)}")
+  values, error = UNITS["parse_list"](name, os.environ.get(name), default, allowed)
+  if error:
+    raise SystemExit(error)
   return values
 
 
-def kernel_units(archs):
-  """(object name, source, defines, gencode) of every kernel compilation unit.
-
-  The sm80 family is compiled for every arch in `archs` (it runs everywhere);
-  the sm90 family (wgmma, TMA) only for sm_90a, when 90 is among them.
-  """
-  gencode = []
-  for arch in archs:
-    gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-  # PTX of the newest arch lets newer GPUs JIT-compile the sm80 family.
-  gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-  families = [("sm80", gencode, ("fwd", "bwd"))]
-  if "90" in archs:
-    families.append(("sm90", ["-gencode", "arch=compute_90a,code=sm_90a"], SM90_PASSES))
-  units = []
-  for family, family_gencode, passes in families:
-    for dtype in _list_env("JAX_FLASH_DTYPES", ",".join(ALL_DTYPES), ALL_DTYPES):
-      for head_dim in _list_env("JAX_FLASH_HEAD_DIMS", ",".join(ALL_HEAD_DIMS), ALL_HEAD_DIMS):
-        for pass_ in passes:
-          units.append((f"{family}_{pass_}_{dtype}_hd{head_dim}", f"{family}/instantiate.cu",
-                        [f"-DJAX_FLASH_PASS={pass_}", f"-DJAX_FLASH_DTYPE={dtype}",
-                         f"-DJAX_FLASH_HEAD_DIM={head_dim}"], family_gencode))
-  return units
+def compilation_units():
+  """(object name, source, flags) of every unit this build compiles."""
+  archs = _list_env("JAX_FLASH_CUDA_ARCHS", UNITS["DEFAULT_CUDA_ARCHS"], None)
+  dtypes = _list_env("JAX_FLASH_DTYPES", UNITS["ALL_DTYPES"], UNITS["ALL_DTYPES"])
+  head_dims = _list_env("JAX_FLASH_HEAD_DIMS", UNITS["ALL_HEAD_DIMS"], UNITS["ALL_HEAD_DIMS"])
+  return UNITS["kernel_units"](archs, dtypes, head_dims) + UNITS["host_units"](), archs
 
 
 def find_nvcc():
@@ -109,7 +93,7 @@ class BuildCudaLibrary(build_ext):
 
   def get_ext_filename(self, ext_name):
     # A plain library name: no Python ABI tag, since the library has no Python ABI.
-    return os.path.join(*ext_name.split(".")[:-1], LIB_NAME)
+    return os.path.join(*ext_name.split(".")[:-1], UNITS["LIBRARY_NAME"])
 
   def build_extension(self, ext):
     target = pathlib.Path(self.get_ext_fullpath(ext.name))
@@ -118,19 +102,14 @@ class BuildCudaLibrary(build_ext):
       print("jax_flash: nvcc not found (or JAX_FLASH_SKIP_CUDA=1): installing the "
             "portable path only; the CUDA kernels are not built.", file=sys.stderr)
       return
-    archs = _list_env("JAX_FLASH_CUDA_ARCHS", "80;90", None)
+    units, archs = compilation_units()
     include = ffi_include_dir()
     obj_dir = pathlib.Path(self.build_temp).resolve() / "jax_flash_cuda"
     obj_dir.mkdir(parents=True, exist_ok=True)
 
-    common = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-isystem", include]
-    jobs = []
-    for name, source, defines, gencode in kernel_units(archs):
-      jobs.append((obj_dir / f"{name}.o",
-                   [nvcc, *common, *gencode, *defines, "-c", str(CUDA_DIR / source)]))
-    for src in HOST_SOURCES:
-      obj = obj_dir / (src.replace("/", "_") + ".o")
-      jobs.append((obj, [nvcc, *common, "-c", str(CUDA_DIR / src)]))
+    common = [*UNITS["COMPILE_FLAGS"], "-isystem", include]
+    jobs = [(obj_dir / f"{name}.o", [nvcc, *common, *flags, "-c", str(CUDA_DIR / source)])
+            for name, source, flags in units]
 
     newest = _newest_source_mtime()
     todo = [(obj, cmd) for obj, cmd in jobs
@@ -153,7 +132,7 @@ class BuildCudaLibrary(build_ext):
     target.parent.mkdir(parents=True, exist_ok=True)
     # In-place (editable) builds copy the library next to the sources afterwards.
     (ROOT / "jax_flash" / "_lib").mkdir(exist_ok=True)
-    subprocess.run([nvcc, "-shared", "-cudart", "static", "-o", str(target),
+    subprocess.run([nvcc, *UNITS["LINK_FLAGS"], "-o", str(target),
                     *[str(obj) for obj, _ in jobs]], check=True)
     print(f"jax_flash: built {target}", flush=True)
 

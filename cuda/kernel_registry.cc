@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "device_info.h"
 
@@ -63,3 +64,21 @@ int preferred_archs(Arch (&archs)[kNumArchs]) {
 }
 
 }  // namespace jax_flash
+
+extern "C" const char* JaxFlashCompiledKernels() {
+  using namespace jax_flash;
+  static const std::string listing = [] {
+    std::string s;
+    for (Arch arch : {Arch::kSm80, Arch::kSm90})
+      for (DType dtype : {DType::kBF16, DType::kF16})
+        for (int head_dim : kNativeHeadDims) {
+          const std::string config = std::string(arch == Arch::kSm80 ? "sm80" : "sm90") + " " +
+                                     (dtype == DType::kBF16 ? "bf16" : "f16") + " " +
+                                     std::to_string(head_dim);
+          if (find_fwd(arch, dtype, head_dim) != nullptr) s += config + " fwd\n";
+          if (find_bwd(arch, dtype, head_dim) != nullptr) s += config + " bwd\n";
+        }
+    return s;
+  }();
+  return listing.c_str();
+}

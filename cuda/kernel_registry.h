@@ -31,3 +31,8 @@ BwdLauncher find_bwd(Arch arch, DType dtype, int head_dim);
 int preferred_archs(Arch (&archs)[kNumArchs]);
 
 }  // namespace jax_flash
+
+// The configurations this library holds kernels for, one line each as
+// "<family> <dtype> <head_dim> <pass>" (e.g. "sm90 bf16 128 fwd"): how a build is
+// checked, from Python through ctypes, without a GPU.
+extern "C" const char* JaxFlashCompiledKernels();

@@ -41,16 +41,25 @@ def _library_path() -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=None)
+def _open() -> tuple[ctypes.CDLL | None, str]:
+  """The kernel library, loaded once, or None and why not."""
+  path = _library_path()
+  if not path.exists():
+    return None, (f"the CUDA kernel library {path} was not built (jax_flash was "
+                  "installed without nvcc); only the portable path is available")
+  try:
+    return ctypes.cdll.LoadLibrary(str(path)), ""
+  except OSError as e:
+    return None, f"could not load the CUDA kernel library {path}: {e}"
+
+
+@functools.lru_cache(maxsize=None)
 def _load() -> tuple[bool, str]:
   """Loads and registers the kernel library once; returns (ok, reason if not)."""
   path = _library_path()
-  if not path.exists():
-    return False, (f"the CUDA kernel library {path} was not built (jax_flash was "
-                   "installed without nvcc); only the portable path is available")
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(path))
-  except OSError as e:
-    return False, f"could not load the CUDA kernel library {path}: {e}"
+  lib, reason = _open()
+  if lib is None:
+    return False, reason
   try:
     for target, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(
@@ -75,6 +84,21 @@ def check_library() -> None:
         f"jax_flash: {reason.rstrip('.')}. To use the portable path only, reinstall with "
         "JAX_FLASH_SKIP_CUDA=1 or set JAX_FLASH_CUDA_LIB to a path that does "
         "not exist.")
+
+
+def compiled_kernels() -> frozenset[tuple[str, str, int, str]]:
+  """(family, dtype, head_dim, pass) of every kernel in the library, e.g.
+  ("sm90", "bf16", 128, "fwd"); empty when there is no loadable library.
+  Needs no GPU."""
+  lib, _ = _open()
+  if lib is None:
+    return frozenset()
+  lib.JaxFlashCompiledKernels.restype = ctypes.c_char_p
+  entries = []
+  for line in lib.JaxFlashCompiledKernels().decode().splitlines():
+    family, dtype, head_dim, pass_ = line.split()
+    entries.append((family, dtype, int(head_dim), pass_))
+  return frozenset(entries)
 
 
 def has_cuda_device() -> bool:
