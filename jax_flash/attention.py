@@ -13,18 +13,18 @@ from jax import lax
 
 from jax_flash import _cuda
 from jax_flash import xla
+from jax_flash.variants import UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 IMPLEMENTATIONS = (None, "cuda", "xla")
-# Backends `_run` dispatches to; "auto" defers the CUDA-or-portable choice to
-# lowering time, when the platform is known.
-_MODULES = {"xla": xla, "cuda": _cuda}
 
 
 def flash_attention(query, key, value, *, causal: bool = False,
                     softmax_scale: float | None = None,
                     return_lse: bool = False, implementation: str | None = None,
-                    deterministic: bool = False):
+                    deterministic: bool = False, window_size=None,
+                    softcap: float | None = None, alibi_slopes=None,
+                    segment_ids=None, mask=None, bias=None):
   """Exact softmax attention that never materializes the score matrix.
 
   Args:
@@ -32,7 +32,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
     key: [batch, seq_k, num_kv_heads, head_dim] with num_heads % num_kv_heads
       == 0 (MQA/GQA): query head i reads key/value head
       i // (num_heads // num_kv_heads).
-    value: [batch, seq_k, num_kv_heads, head_dim].
+    value: [batch, seq_k, num_kv_heads, head_dim_v]; head_dim_v may differ
+      from head_dim.
     causal: query i sees keys j <= i + seq_k - seq_q (bottom-right aligned).
     softmax_scale: multiplies q.k before the softmax; default 1/sqrt(head_dim).
     return_lse: also return the log-sum-exp of the scaled scores.
@@ -45,9 +46,29 @@ def flash_attention(query, key, value, *, causal: bool = False,
       the previous one), which costs some speed; by default they race, and dQ
       can differ in its last bits between runs. The portable path is always
       deterministic.
+    window_size: (left, right): query i sees keys j with
+      i + seq_k - seq_q - left <= j <= i + seq_k - seq_q + right; None or -1
+      leaves a side unbounded. Key blocks outside the window are skipped, so a
+      fixed window costs time linear in the sequence length. With causal=True,
+      right must be unbounded or 0.
+    softcap: a positive number: scores s (already scaled) become
+      softcap * tanh(s / softcap) before the softmax (Gemma 2).
+    alibi_slopes: float [num_heads] or [batch, num_heads]: adds
+      -slope * |i + seq_k - seq_q - j| to the scores (after the cap).
+      Differentiable.
+    segment_ids: (q_segment_ids [batch, seq_q], kv_segment_ids [batch, seq_k]),
+      integers: a query sees only keys of its own segment (packed sequences;
+      padding takes an id that the other side never has, e.g. -1). Tiles whose
+      segments cannot meet are skipped.
+    mask: boolean, broadcastable to [batch, num_heads, seq_q, seq_k]; False
+      hides a key. The slow path: it runs on the portable path, reading the
+      mask one tile at a time.
+    bias: float, broadcastable to [batch, num_heads, seq_q, seq_k], added to
+      the scores (after the cap and ALiBi); differentiable. The slow path, like
+      mask.
 
   Returns:
-    out [batch, seq_q, num_heads, head_dim] in the dtype of query, or
+    out [batch, seq_q, num_heads, head_dim_v] in the dtype of query, or
     (out, lse) with lse [batch, num_heads, seq_q] float32 (natural log). A query
     row that sees no key gives out 0 and lse -inf. Both are differentiable.
 
@@ -61,12 +82,20 @@ def flash_attention(query, key, value, *, causal: bool = False,
                       f"{flag!r} of type {type(flag).__name__}")
   head_dim = query.shape[-1]
   softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
+  variant, extras = _check_variant(
+      query, key, causal=bool(causal), window_size=window_size, softcap=softcap,
+      alibi_slopes=alibi_slopes, segment_ids=segment_ids, mask=mask, bias=bias)
+  # What the CUDA kernels cannot run yet: such calls take the portable path.
+  portable_only = variant.features
+  if value.shape[-1] != head_dim:
+    portable_only += (f"value head_dim {value.shape[-1]} != query head_dim {head_dim}",)
   backend = _choose_backend(
       implementation, query.dtype, head_dim, empty=query.shape[0] == 0,
       sizes=dict(batch=query.shape[0], heads=query.shape[2],
-                 seq_q=query.shape[1], seq_k=key.shape[1]))
-  out, lse = _attention(query, key, value, softmax_scale, bool(causal),
-                        bool(deterministic), backend)
+                 seq_q=query.shape[1], seq_k=key.shape[1]),
+      portable_only=portable_only)
+  out, lse = _attention(query, key, value, extras, softmax_scale, bool(causal),
+                        bool(deterministic), backend, variant)
   return (out, lse) if return_lse else out
 
 
@@ -92,9 +121,11 @@ def _check_arrays(query, key, value):
           f"dtype, one of {allowed}")
 
   batch, seq_q, num_heads, head_dim = query.shape
-  if key.shape != value.shape:
-    raise ValueError(f"flash_attention: key and value must have the same shape, "
-                     f"got key {tuple(key.shape)} and value {tuple(value.shape)}")
+  if key.shape[:3] != value.shape[:3]:
+    raise ValueError(
+        f"flash_attention: key and value must agree in batch, seq_k and "
+        f"num_kv_heads (dims 0-2), got key {tuple(key.shape)} and value "
+        f"{tuple(value.shape)}")
   _, seq_k, num_kv_heads, _ = key.shape
   if key.shape[0] != batch or key.shape[3] != head_dim:
     raise ValueError(
@@ -102,7 +133,8 @@ def _check_arrays(query, key, value):
         f"{tuple(query.shape)} in batch (dim 0) and head_dim (dim 3)")
   for name, size in (("seq_q", seq_q), ("num_heads", num_heads),
                      ("head_dim", head_dim), ("seq_k", seq_k),
-                     ("num_kv_heads", num_kv_heads)):
+                     ("num_kv_heads", num_kv_heads),
+                     ("value head_dim", value.shape[3])):
     if size < 1:
       raise ValueError(f"flash_attention: {name} must be >= 1, got {size} "
                        f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
@@ -137,21 +169,127 @@ def _check_softmax_scale(softmax_scale, head_dim: int) -> float:
   return scale
 
 
+def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
+                   alibi_slopes=None, segment_ids=None, mask=None, bias=None):
+  """The static Variant and its arrays by name, or an error naming the argument."""
+  batch, seq_q, num_heads, _ = query.shape
+  seq_k = key.shape[1]
+  extras = {}
+
+  window = (UNBOUNDED, UNBOUNDED)
+  if window_size is not None:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+      raise TypeError("flash_attention: window_size must be None or a pair "
+                      f"(left, right), got {window_size!r}")
+    sides = []
+    for side, w in zip(("left", "right"), window_size):
+      if w is None:
+        w = UNBOUNDED
+      if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)):
+        raise TypeError(f"flash_attention: window_size {side} must be an int "
+                        f"or None, got {w!r}")
+      if w < UNBOUNDED:
+        raise ValueError(f"flash_attention: window_size {side} must be >= 0, or "
+                         f"-1 or None for unbounded, got {w}")
+      sides.append(int(w))
+    window = tuple(sides)
+    if causal and window[1] > 0:
+      raise ValueError(
+          f"flash_attention: causal=True hides every key after the diagonal, "
+          f"so window_size right must be 0, -1 or None, got window_size="
+          f"{tuple(window_size)}")
+
+  cap = 0.0
+  if softcap is not None:
+    if (isinstance(softcap, (bool, np.bool_, str, bytes)) or np.ndim(softcap)
+        or isinstance(softcap, jax.core.Tracer)):
+      raise TypeError("flash_attention: softcap must be None or a positive "
+                      f"Python number, got {softcap!r}")
+    cap = float(softcap)
+    if not (math.isfinite(cap) and cap > 0):
+      raise ValueError("flash_attention: softcap must be a positive finite "
+                       f"number or None, got {softcap!r}")
+
+  if alibi_slopes is not None:
+    slopes = _array_arg("alibi_slopes", alibi_slopes)
+    if slopes.shape not in ((num_heads,), (batch, num_heads)):
+      raise ValueError(
+          f"flash_attention: alibi_slopes must have shape [num_heads] = "
+          f"({num_heads},) or [batch, num_heads] = ({batch}, {num_heads}), got "
+          f"{tuple(slopes.shape)}")
+    if not jnp.issubdtype(slopes.dtype, jnp.floating):
+      raise TypeError("flash_attention: alibi_slopes must be floating point, "
+                      f"got {slopes.dtype}")
+    extras["alibi_slopes"] = slopes
+
+  if segment_ids is not None:
+    if not (isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2):
+      raise TypeError("flash_attention: segment_ids must be a pair "
+                      "(q_segment_ids, kv_segment_ids), got "
+                      f"{type(segment_ids).__name__}")
+    for name, ids, length in (("q_segment_ids", segment_ids[0], seq_q),
+                              ("kv_segment_ids", segment_ids[1], seq_k)):
+      ids = _array_arg(f"segment_ids ({name})", ids)
+      if ids.shape != (batch, length):
+        raise ValueError(
+            f"flash_attention: segment_ids ({name}) must have shape "
+            f"({batch}, {length}), got {tuple(ids.shape)}")
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"flash_attention: segment_ids ({name}) must be "
+                        f"integers, got {ids.dtype}")
+      extras[name] = ids
+
+  full = (batch, num_heads, seq_q, seq_k)
+  for name, x, kind in (("mask", mask, jnp.bool_), ("bias", bias, jnp.floating)):
+    if x is None:
+      continue
+    x = _array_arg(name, x)
+    if x.ndim > 4 or any(d not in (1, f) for d, f in zip(x.shape[::-1], full[::-1])):
+      raise ValueError(
+          f"flash_attention: {name} must be broadcastable to [batch, num_heads, "
+          f"seq_q, seq_k] = {full} (each dim 1 or that size), got "
+          f"{tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, kind):
+      raise TypeError(f"flash_attention: {name} must be "
+                      f"{'boolean' if name == 'mask' else 'floating point'}, "
+                      f"got {x.dtype}")
+    extras[name] = x
+
+  variant = Variant(window=window, softcap=cap,
+                    alibi="alibi_slopes" in extras,
+                    segments="q_segment_ids" in extras, mask="mask" in extras,
+                    bias="bias" in extras)
+  return variant, extras
+
+
+def _array_arg(name: str, x):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    try:
+      x = jnp.asarray(x)
+    except TypeError as e:
+      raise TypeError(f"flash_attention: {name} must be an array, got "
+                      f"{type(x).__name__}") from e
+  return jnp.asarray(x)
+
+
 def _choose_backend(implementation, dtype, head_dim: int, *, empty: bool,
-                    sizes: dict) -> str:
+                    sizes: dict, portable_only: tuple[str, ...] = ()) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"flash_attention: implementation must be one of "
                      f"{IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "cuda":
     reason = _cuda.unavailable_reason() or _cuda.unsupported_reason(
         dtype, head_dim, **sizes)
+    if not reason and portable_only:
+      reason = ("the CUDA kernels do not run " + ", ".join(portable_only)
+                + " yet (the portable path does)")
     if reason:
       raise ValueError(
           f"flash_attention: implementation='cuda' cannot serve this call: "
           f"{reason}. implementation=None falls back to the portable path.")
   # An empty batch has nothing to launch; the portable path returns its empty
   # results on any platform.
-  if implementation == "xla" or empty:
+  if implementation == "xla" or empty or portable_only:
     return "xla"
   if implementation == "cuda":
     return "cuda"
@@ -174,48 +312,67 @@ def _warn_if_gpu_without_kernels():
 
 
 @functools.partial(jax.jit, static_argnames=("op", "backend", "softmax_scale",
-                                             "causal", "deterministic"))
-def _run(*arrays, op: str, backend: str, softmax_scale: float, causal: bool,
-         deterministic: bool = False):
+                                             "causal", "variant",
+                                             "deterministic"))
+def _run(arrays, extras, *, op: str, backend: str, softmax_scale: float,
+         causal: bool, variant: Variant, deterministic: bool = False):
   """Calls `op` ("forward" or "backward") of the backend on `arrays`.
 
-  Always staged: `platform_dependent` picks its branch from the platform the
+  The backward returns (dq, dk, dv, cotangents of the float extras). Always
+  staged: `platform_dependent` picks its branch from the platform the
   computation is lowered for (CPU arrays on a GPU machine take the portable
   path). Run eagerly it would instead evaluate the platform index at once on
   the default device, and the kernels would be chosen for CPU arrays.
   """
   extra = dict(deterministic=deterministic) if op == "backward" else {}
 
-  def branch(module):
-    return functools.partial(getattr(module, op), softmax_scale=softmax_scale,
-                             causal=causal, **extra)
+  def portable(*arrays):
+    return getattr(xla, op)(*arrays, extras, softmax_scale=softmax_scale,
+                            causal=causal, variant=variant, **extra)
+
+  def kernels(*arrays):  # plain attention only: no extras
+    results = getattr(_cuda, op)(*arrays, softmax_scale=softmax_scale,
+                                 causal=causal, **extra)
+    return (*results, {}) if op == "backward" else results
 
   if backend == "auto":
-    return lax.platform_dependent(*arrays, cuda=branch(_cuda),
-                                  default=branch(xla))
-  return branch(_MODULES[backend])(*arrays)
+    return lax.platform_dependent(*arrays, cuda=kernels, default=portable)
+  return (kernels if backend == "cuda" else portable)(*arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, softmax_scale, causal, deterministic, backend):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _attention(q, k, v, extras, softmax_scale, causal, deterministic, backend,
+               variant):
   del deterministic  # a property of the backward
-  return _run(q, k, v, op="forward", backend=backend,
-              softmax_scale=softmax_scale, causal=causal)
+  return _run((q, k, v), extras, op="forward", backend=backend,
+              softmax_scale=softmax_scale, causal=causal, variant=variant)
 
 
-def _attention_fwd(q, k, v, softmax_scale, causal, deterministic, backend):
+def _attention_fwd(q, k, v, extras, softmax_scale, causal, deterministic,
+                   backend, variant):
   del deterministic
-  out, lse = _run(q, k, v, op="forward", backend=backend,
-                  softmax_scale=softmax_scale, causal=causal)
-  return (out, lse), (q, k, v, out, lse)
+  out, lse = _run((q, k, v), extras, op="forward", backend=backend,
+                  softmax_scale=softmax_scale, causal=causal, variant=variant)
+  return (out, lse), (q, k, v, out, lse, extras)
 
 
-def _attention_bwd(softmax_scale, causal, deterministic, backend, residuals,
-                   cotangents):
-  dout, dlse = cotangents
-  return _run(*residuals, dout, dlse, op="backward", backend=backend,
-              softmax_scale=softmax_scale, causal=causal,
-              deterministic=deterministic)
+def _attention_bwd(softmax_scale, causal, deterministic, backend, variant,
+                   residuals, cotangents):
+  *arrays, extras = residuals
+  dq, dk, dv, d_float_extras = _run(
+      (*arrays, *cotangents), extras, op="backward", backend=backend,
+      softmax_scale=softmax_scale, causal=causal, variant=variant,
+      deterministic=deterministic)
+  # Segment ids and masks are integer and boolean: their cotangents are float0.
+  d_extras = {name: d_float_extras.get(name, _float0_like(x))
+              for name, x in extras.items()}
+  return dq, dk, dv, d_extras
+
+
+def _float0_like(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -11,6 +11,11 @@ Causal attention visits only the tiles on or below the diagonal.
 Inside, heads are laid out as [batch, kv_heads, groups, seq, head_dim]: the query
 heads that share a key/value head form the `groups` axis, so MQA/GQA read each
 key/value head once instead of repeating it.
+
+Variants (`variants.Variant`) change each tile's scores (soft cap, ALiBi, bias)
+and which pairs are visible (window, segments, mask). A window narrows the loops
+to the key blocks it reaches, so its cost is linear in the sequence length; with
+segment ids, a tile whose query and key segments cannot meet is skipped.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import dataclasses
 import functools
 import operator
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jax_flash.variants import UNBOUNDED, Variant
 
 _F32 = jnp.float32
 # Block sizes are rounded to this many rows so matrix-unit tiles stay full.
@@ -51,51 +59,178 @@ class _Tiling:
   block_k: int
   causal: bool
   softmax_scale: float
+  variant: Variant
 
   @classmethod
-  def make(cls, seq_q, seq_k, *, block_q, block_k, causal, softmax_scale):
+  def make(cls, seq_q, seq_k, *, block_q, block_k, causal, softmax_scale,
+           variant):
     return cls(seq_q, seq_k, *_blocking(seq_q, block_q),
-               *_blocking(seq_k, block_k), causal, softmax_scale)
+               *_blocking(seq_k, block_k), causal, softmax_scale, variant)
 
   @property
   def diagonal(self) -> int:
-    """Causal query i sees keys j <= i + diagonal (bottom-right aligned)."""
+    """Query i's diagonal key is i + diagonal (bottom-right aligned)."""
     return self.seq_k - self.seq_q
 
-  def key_blocks_end(self, i):
-    """Key blocks [0, end) hold every key that query block i sees."""
-    if not self.causal:
-      return self.num_k
-    last_key = (i + 1) * self.block_q - 1 + self.diagonal
-    return jnp.clip(last_key // self.block_k + 1, 0, self.num_k)
+  @property
+  def left(self) -> int:
+    """Keys before the diagonal a query sees (UNBOUNDED: all)."""
+    return self.variant.window[0]
 
-  def query_blocks_start(self, j):
-    """Query blocks [start, num_q) hold every query that sees key block j."""
-    if not self.causal:
-      return 0
-    first_query = j * self.block_k - self.diagonal
-    return jnp.clip(first_query // self.block_q, 0, self.num_q)
+  @property
+  def right(self) -> int:
+    """Keys after the diagonal a query sees (UNBOUNDED: all)."""
+    return 0 if self.causal else self.variant.window[1]
 
-  def scores(self, q, k, i, j):
-    """Scaled scores of query block i against key block j, float32.
+  def key_blocks(self, i):
+    """Key blocks [start, end) hold every key that query block i sees."""
+    start, end = 0, self.num_k
+    if self.left != UNBOUNDED:
+      first_key = i * self.block_q + self.diagonal - self.left
+      start = jnp.clip(first_key // self.block_k, 0, self.num_k)
+    if self.right != UNBOUNDED:
+      last_key = (i + 1) * self.block_q - 1 + self.diagonal + self.right
+      end = jnp.clip(last_key // self.block_k + 1, 0, self.num_k)
+    return start, end
+
+  def query_blocks(self, j):
+    """Query blocks [start, end) hold every query that sees key block j."""
+    start, end = 0, self.num_q
+    if self.right != UNBOUNDED:
+      first_query = j * self.block_k - self.diagonal - self.right
+      start = jnp.clip(first_query // self.block_q, 0, self.num_q)
+    if self.left != UNBOUNDED:
+      last_query = (j + 1) * self.block_k - 1 - self.diagonal + self.left
+      end = jnp.clip(last_query // self.block_q + 1, 0, self.num_q)
+    return start, end
+
+  def offsets(self, i, j):
+    """[block_q, block_k] key position minus the query's diagonal position."""
+    query_pos = i * self.block_q + jnp.arange(self.block_q)[:, None]
+    key_pos = j * self.block_k + jnp.arange(self.block_k)[None, :]
+    return key_pos - query_pos - self.diagonal
+
+  def scores(self, q, k, i, j, extras):
+    """Final scores of query block i against key block j, float32, and the
+    derivative of the soft cap (None without one).
 
     q [b, hk, g, block_q, d], k [b, hk, block_k, d] -> [b, hk, g, block_q,
-    block_k], -inf where the key is not visible (causal, or padding).
+    block_k], -inf where the key is not visible.
     """
     s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k,
                    preferred_element_type=_F32) * self.softmax_scale
+    cap_slope = None
+    if self.variant.softcap:
+      capped = jnp.tanh(s / self.variant.softcap)
+      s = self.variant.softcap * capped
+      cap_slope = 1 - capped * capped
+    offset = self.offsets(i, j)
+    if self.variant.alibi:
+      s = s - extras.slopes * jnp.abs(offset).astype(_F32)
+    if self.variant.bias:
+      s = s + extras.bias.tile(i, j)
+    visible = []
     query_pos = i * self.block_q + jnp.arange(self.block_q)[:, None]
     key_pos = j * self.block_k + jnp.arange(self.block_k)[None, :]
-    visible = []
     if self.num_q * self.block_q != self.seq_q:
       visible.append(query_pos < self.seq_q)
     if self.num_k * self.block_k != self.seq_k:
       visible.append(key_pos < self.seq_k)
-    if self.causal:
-      visible.append(key_pos <= query_pos + self.diagonal)
-    if not visible:
-      return s
-    return jnp.where(functools.reduce(operator.and_, visible), s, -jnp.inf)
+    if self.left != UNBOUNDED:
+      visible.append(offset >= -self.left)
+    if self.right != UNBOUNDED:
+      visible.append(offset <= self.right)
+    if self.variant.segments:
+      visible.append(extras.q_ids[i][:, None, None, :, None]
+                     == extras.kv_ids[j][:, None, None, None, :])
+    if self.variant.mask:
+      visible.append(extras.mask.tile(i, j))
+    if visible:
+      s = jnp.where(functools.reduce(operator.and_, visible), s, -jnp.inf)
+    return s, cap_slope
+
+
+class _Dense:
+  """A mask or bias broadcastable to [batch, heads, seq_q, seq_k], kept at its
+  own size as [batch', kv_heads', groups', seq_q', seq_k'] (primed: 1 or full)
+  and read one tile at a time."""
+
+  def __init__(self, x, t: _Tiling, num_kv_heads: int, fill):
+    self.shape = x.shape
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    b, h, sq, sk = x.shape
+    groups = h // num_kv_heads if h > 1 else 1
+    x = x.reshape(b, h // groups, groups, sq, sk)
+    self.unpadded = x.shape
+    self.full_q, self.full_k = sq > 1, sk > 1
+    pad = [(0, 0)] * 3 + [(0, t.num_q * t.block_q - sq if self.full_q else 0),
+                          (0, t.num_k * t.block_k - sk if self.full_k else 0)]
+    self.x = jnp.pad(x, pad, constant_values=fill)
+    self.t = t
+
+  def _window(self, i, j):
+    starts = [0, 0, 0, i * self.t.block_q if self.full_q else 0,
+              j * self.t.block_k if self.full_k else 0]
+    sizes = list(self.x.shape[:3]) + [self.t.block_q if self.full_q else 1,
+                                      self.t.block_k if self.full_k else 1]
+    return starts, sizes
+
+  def tile(self, i, j):
+    starts, sizes = self._window(i, j)
+    return lax.dynamic_slice(self.x, starts, sizes)
+
+  def add_to_tile(self, acc, i, j, ds):
+    """acc (shaped like the padded array) plus ds [b, hk, g, bq, bk] summed
+    down to this array's broadcast dims, at tile (i, j)."""
+    starts, sizes = self._window(i, j)
+    axes = tuple(a for a in range(5) if sizes[a] == 1 and ds.shape[a] > 1)
+    ds = ds.sum(axis=axes, keepdims=True)
+    return lax.dynamic_update_slice(
+        acc, lax.dynamic_slice(acc, starts, sizes) + ds, starts)
+
+  def unpad(self, x):
+    """An array laid out like the padded one, in the original shape."""
+    return x[..., :self.unpadded[3], :self.unpadded[4]].reshape(self.shape)
+
+
+class _Extras:
+  """The variant's arrays, laid out for the tiles of `t`."""
+
+  def __init__(self, extras: dict, t: _Tiling, batch: int, num_heads: int,
+               num_kv_heads: int):
+    v = t.variant
+    groups = num_heads // num_kv_heads
+    if v.alibi:
+      slopes = extras["alibi_slopes"].astype(_F32)
+      self.slopes_shape = slopes.shape
+      slopes = slopes.reshape(-1, num_kv_heads, groups)
+      self.slopes = slopes[..., None, None]
+    if v.segments:
+      # Edge padding keeps each block's id range that of its real rows.
+      def blocks(ids, num, size):
+        ids = jnp.pad(ids, [(0, 0), (0, num * size - ids.shape[1])], mode="edge")
+        return jnp.moveaxis(ids.reshape(batch, num, size), 1, 0)
+      self.q_ids = blocks(extras["q_segment_ids"], t.num_q, t.block_q)
+      self.kv_ids = blocks(extras["kv_segment_ids"], t.num_k, t.block_k)
+    if v.mask:
+      self.mask = _Dense(extras["mask"].astype(bool), t, num_kv_heads, False)
+    if v.bias:
+      self.bias = _Dense(extras["bias"].astype(_F32), t, num_kv_heads, 0.0)
+    self.t = t
+
+  def tiles_meet(self, i, j):
+    """False when no query of block i shares a segment with a key of block j
+    (for some batch row they may, the tile runs)."""
+    q, k = self.q_ids[i], self.kv_ids[j]
+    return jnp.any((q.min(axis=1) <= k.max(axis=1))
+                   & (k.min(axis=1) <= q.max(axis=1)))
+
+
+def _skip_unless(condition, compute, carry):
+  """compute(carry) where condition holds, else carry (None: always)."""
+  if condition is None:
+    return compute(carry)
+  return lax.cond(condition, compute, lambda c: c, carry)
 
 
 def _zero_of(*inputs):
@@ -144,41 +279,49 @@ def _keys_first(x):
   return x.transpose(0, 2, 1, 3)
 
 
-def forward(q, k, v, *, softmax_scale: float, causal: bool,
-            block_k: int = 512, block_q: int = 512):
-  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32."""
+def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
+            variant: Variant = Variant(), block_k: int = 512,
+            block_q: int = 512):
+  """out [b, sq, h, dv] (dtype of q), lse [b, h, sq] float32.
+
+  extras: the variant's arrays by name (`variants.ARRAY_NAMES`).
+  """
   batch, seq_q, num_heads, _ = q.shape
   seq_k, num_kv_heads = k.shape[1], k.shape[2]
   t = _Tiling.make(seq_q, seq_k, block_q=block_q, block_k=block_k,
-                   causal=causal, softmax_scale=softmax_scale)
+                   causal=causal, softmax_scale=softmax_scale, variant=variant)
+  ex = _Extras(extras or {}, t, batch, num_heads, num_kv_heads)
   q_blocks = _split(_group_heads(q, num_kv_heads), t.num_q, t.block_q)
   k_blocks, v_blocks = (_split(_keys_first(x), t.num_k, t.block_k)
                         for x in (k, v))
-  zero = _zero_of(q, k, v)
+  zero = _zero_of(q, k, v, *jax.tree.leaves(extras))
 
   def query_block(args):
     q_i, i = args
     rows = q_i.shape[:-1]
 
     def key_block(j, carry):
-      row_max, row_sum, acc = carry
-      s = t.scores(q_i, k_blocks[j], i, j)
-      new_max = jnp.maximum(row_max, s.max(axis=-1))
-      # A row that has seen no visible key yet has max -inf; subtracting it
-      # would give exp(-inf - -inf) = NaN, subtracting 0 gives the wanted 0s.
-      safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0)
-      p = jnp.exp(s - safe_max[..., None])
-      rescale = jnp.exp(row_max - safe_max)
-      row_sum = row_sum * rescale + p.sum(axis=-1)
-      acc = acc * rescale[..., None] + jnp.einsum(
-          "bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_blocks[j],
-          preferred_element_type=_F32)
-      return new_max, row_sum, acc
+      def update(carry):
+        row_max, row_sum, acc = carry
+        s, _ = t.scores(q_i, k_blocks[j], i, j, ex)
+        new_max = jnp.maximum(row_max, s.max(axis=-1))
+        # A row that has seen no visible key yet has max -inf; subtracting it
+        # would give exp(-inf - -inf) = NaN, subtracting 0 gives the wanted 0s.
+        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0)
+        p = jnp.exp(s - safe_max[..., None])
+        rescale = jnp.exp(row_max - safe_max)
+        row_sum = row_sum * rescale + p.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_blocks[j],
+            preferred_element_type=_F32)
+        return new_max, row_sum, acc
+
+      meet = ex.tiles_meet(i, j) if variant.segments else None
+      return _skip_unless(meet, update, carry)
 
     init = (jnp.full(rows, -jnp.inf, _F32) + zero, jnp.zeros(rows, _F32) + zero,
-            jnp.zeros(q_i.shape, _F32) + zero)
-    row_max, row_sum, acc = lax.fori_loop(0, t.key_blocks_end(i), key_block,
-                                          init)
+            jnp.zeros((*rows, v.shape[-1]), _F32) + zero)
+    row_max, row_sum, acc = lax.fori_loop(*t.key_blocks(i), key_block, init)
     # A row that sees a key has row_sum >= 1 (its max contributes exp(0)).
     empty = row_sum == 0
     safe_sum = jnp.where(empty, 1, row_sum)
@@ -191,18 +334,22 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool,
   return out, lse.reshape(batch, num_heads, seq_q)
 
 
-def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool, deterministic: bool = False, block_k: int = 512,
+def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
+             softmax_scale: float, causal: bool, variant: Variant = Variant(),
+             deterministic: bool = False, block_k: int = 512,
              block_q: int = 512):
-  """dq, dk, dv with the shapes and dtypes of q, k, v.
+  """dq, dk, dv with the shapes and dtypes of q, k, v, and the cotangents of
+  the float extras (bias, alibi_slopes) by name.
 
   Always deterministic (every sum has a fixed order), whatever `deterministic`
   says.
   """
   del deterministic
-  seq_q, seq_k, num_kv_heads = q.shape[1], k.shape[1], k.shape[2]
+  batch, seq_q, num_heads, _ = q.shape
+  seq_k, num_kv_heads = k.shape[1], k.shape[2]
   t = _Tiling.make(seq_q, seq_k, block_q=block_q, block_k=block_k,
-                   causal=causal, softmax_scale=softmax_scale)
+                   causal=causal, softmax_scale=softmax_scale, variant=variant)
+  ex = _Extras(extras or {}, t, batch, num_heads, num_kv_heads)
   q_blocks, dout_blocks = (
       _split(_group_heads(x, num_kv_heads), t.num_q, t.block_q)
       for x in (q, dout))
@@ -221,34 +368,64 @@ def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
       _group_heads(x.transpose(0, 2, 1)[..., None], num_kv_heads),
       t.num_q, t.block_q)[..., 0]
   lse_blocks, delta_blocks = row_blocks(safe_lse), row_blocks(delta)
-  zero = _zero_of(q, k, v, out, lse, dout, dlse)
+  zero = _zero_of(q, k, v, out, lse, dout, dlse, *jax.tree.leaves(extras))
+  # Cotangents of the float extras, accumulated over every tile.
+  d_extras = {}
+  if variant.bias:
+    d_extras["bias"] = jnp.zeros(ex.bias.x.shape, _F32) + zero
+  if variant.alibi:
+    d_extras["alibi_slopes"] = jnp.zeros(ex.slopes.shape, _F32) + zero
 
-  def key_block(dq, args):
+  def key_block(carry, args):
     k_j, v_j, j = args
 
     def query_block(i, carry):
-      dq, dk, dv = carry
-      q_i, dout_i = q_blocks[i], dout_blocks[i]
-      p = jnp.exp(t.scores(q_i, k_j, i, j) - lse_blocks[i][..., None])
-      dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(v.dtype), dout_i,
-                           preferred_element_type=_F32)
-      dp = jnp.einsum("bhgqd,bhkd->bhgqk", dout_i, v_j,
-                      preferred_element_type=_F32)
-      ds = p * (dp - delta_blocks[i][..., None]) * softmax_scale
-      ds = ds.astype(q.dtype)
-      dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_i,
-                           preferred_element_type=_F32)
-      dq_i = lax.dynamic_index_in_dim(dq, i, keepdims=False) + jnp.einsum(
-          "bhgqk,bhkd->bhgqd", ds, k_j, preferred_element_type=_F32)
-      return lax.dynamic_update_index_in_dim(dq, dq_i, i, 0), dk, dv
+      def update(carry):
+        dq, dk, dv, d_ex = carry
+        q_i, dout_i = q_blocks[i], dout_blocks[i]
+        s, cap_slope = t.scores(q_i, k_j, i, j, ex)
+        p = jnp.exp(s - lse_blocks[i][..., None])
+        dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(v.dtype), dout_i,
+                             preferred_element_type=_F32)
+        dp = jnp.einsum("bhgqd,bhkd->bhgqk", dout_i, v_j,
+                        preferred_element_type=_F32)
+        ds = p * (dp - delta_blocks[i][..., None])  # d loss / d final score
+        d_ex = dict(d_ex)
+        if variant.bias:
+          d_ex["bias"] = ex.bias.add_to_tile(d_ex["bias"], i, j, ds)
+        if variant.alibi:
+          distance = jnp.abs(t.offsets(i, j)).astype(_F32)
+          d_slopes = (ds * distance).sum(axis=(-2, -1), keepdims=True)
+          if d_ex["alibi_slopes"].shape[0] == 1:  # slopes shared by the batch
+            d_slopes = d_slopes.sum(axis=0, keepdims=True)
+          d_ex["alibi_slopes"] = d_ex["alibi_slopes"] - d_slopes
+        if cap_slope is not None:
+          ds = ds * cap_slope
+        ds = (ds * softmax_scale).astype(q.dtype)
+        dk = dk + jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_i,
+                             preferred_element_type=_F32)
+        dq_i = lax.dynamic_index_in_dim(dq, i, keepdims=False) + jnp.einsum(
+            "bhgqk,bhkd->bhgqd", ds, k_j, preferred_element_type=_F32)
+        return lax.dynamic_update_index_in_dim(dq, dq_i, i, 0), dk, dv, d_ex
 
-    zeros = jnp.zeros(k_j.shape, _F32) + zero
-    dq, dk, dv = lax.fori_loop(t.query_blocks_start(j), t.num_q, query_block,
-                               (dq, zeros, zeros))
-    return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+      meet = ex.tiles_meet(i, j) if variant.segments else None
+      return _skip_unless(meet, update, carry)
 
-  dq, (dk, dv) = lax.scan(key_block, jnp.zeros(q_blocks.shape, _F32) + zero,
-                          (k_blocks, v_blocks, jnp.arange(t.num_k)))
+    dq, d_ex = carry
+    init = (dq, jnp.zeros(k_j.shape, _F32) + zero,
+            jnp.zeros(v_j.shape, _F32) + zero, d_ex)
+    dq, dk, dv, d_ex = lax.fori_loop(*t.query_blocks(j), query_block, init)
+    return (dq, d_ex), (dk.astype(k.dtype), dv.astype(v.dtype))
+
+  (dq, d_extras), (dk, dv) = lax.scan(
+      key_block, (jnp.zeros(q_blocks.shape, _F32) + zero, d_extras),
+      (k_blocks, v_blocks, jnp.arange(t.num_k)))
   dq = _ungroup_heads(_merge(dq, seq_q)).astype(q.dtype)
   dk, dv = (_keys_first(_merge(x, seq_k)) for x in (dk, dv))
-  return dq, dk, dv
+  if variant.bias:
+    d_extras["bias"] = ex.bias.unpad(d_extras["bias"]).astype(
+        extras["bias"].dtype)
+  if variant.alibi:
+    d_extras["alibi_slopes"] = d_extras["alibi_slopes"].reshape(
+        ex.slopes_shape).astype(extras["alibi_slopes"].dtype)
+  return dq, dk, dv, d_extras

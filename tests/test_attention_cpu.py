@@ -250,8 +250,8 @@ class InputErrorsTest(parameterized.TestCase):
       ("value_dtype_differs", dict(value=_array(_KV, F16)), TypeError,
        r"value has dtype float16 but query has dtype float32"),
       ("key_value_shapes_differ", dict(value=_array((2, 7, 2, 16))), ValueError,
-       r"key and value must have the same shape, got key \(2, 6, 2, 16\) and "
-       r"value \(2, 7, 2, 16\)"),
+       r"key and value must agree in batch, seq_k and num_kv_heads \(dims 0-2\), "
+       r"got key \(2, 6, 2, 16\) and value \(2, 7, 2, 16\)"),
       ("batch_differs", dict(key=_array((3, 6, 2, 16)),
                              value=_array((3, 6, 2, 16))), ValueError,
        r"batch \(dim 0\) and head_dim \(dim 3\)"),

@@ -144,8 +144,11 @@ class LinenModuleTest(parameterized.TestCase):
     x = _x(11)
     params = ref.init(jax.random.key(1), x)
     for window, mask in (((None, 0), _causal_window_mask(LENGTH, LENGTH)),
-                         ((5, 0), _causal_window_mask(LENGTH, 5))):
-      ours = jf.FlashMultiHeadAttention(num_heads=HEADS, causal=True, window_size=window)
+                         ((5, 0), _causal_window_mask(LENGTH, 5)),
+                         ((5, 3), _causal_window_mask(LENGTH, 5))):
+      # No fallback: flash_attention takes the window itself.
+      ours = jf.FlashMultiHeadAttention(num_heads=HEADS, causal=True, window_size=window,
+                                        allow_fallback=False)
       _close(self, ours.apply(params, x), ref.apply(params, x, mask=mask))
 
   def test_gqa_equals_flax_attention_on_repeated_kv_heads(self):

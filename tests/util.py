@@ -83,13 +83,16 @@ def outputs_and_grads(attention_fn, q, k, v, dout, dlse):
 
 
 def assert_matches_reference(attention_fn, q, k, v, dout, dlse, *,
-                             causal: bool, softmax_scale=None):
+                             causal: bool, softmax_scale=None, **variant):
   """Checks out, lse and the gradients of attention_fn against the rule.
 
   attention_fn takes (q, k, v, *, causal, softmax_scale, return_lse) like
-  `jax_flash.flash_attention`. Returns the results for further checks.
+  `jax_flash.flash_attention`; `variant` holds further keyword arguments that
+  both it and the reference take (window_size, softcap, segment_ids, ...).
+  Returns the results for further checks.
   """
-  kwargs = dict(causal=causal, softmax_scale=softmax_scale, return_lse=True)
+  kwargs = dict(causal=causal, softmax_scale=softmax_scale, return_lse=True,
+                **variant)
   got = outputs_and_grads(functools.partial(attention_fn, **kwargs),
                           q, k, v, dout, dlse)
   ref32 = outputs_and_grads(

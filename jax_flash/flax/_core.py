@@ -23,7 +23,7 @@ def promote(query, key, value, dtype):
   return query.astype(dtype), key.astype(dtype), value.astype(dtype)
 
 
-def flash(query, key, value, *, causal: bool, implementation):
+def flash(query, key, value, *, causal: bool, implementation, window_size=None):
   """jax_flash.flash_attention over any number of leading batch dims."""
   if query.ndim < 3:
     raise ValueError(f"attention inputs need [batch..., length, heads, head_dim], got "
@@ -35,7 +35,7 @@ def flash(query, key, value, *, causal: bool, implementation):
   n = math.prod(batch_shape)
   fold = lambda x: x.reshape((n,) + x.shape[-3:])
   out = _attention.flash_attention(fold(query), fold(key), fold(value), causal=causal,
-                                   implementation=implementation)
+                                   implementation=implementation, window_size=window_size)
   return out.reshape(batch_shape + out.shape[-3:])
 
 
@@ -170,16 +170,19 @@ def attend(query, key, value, *, mask, causal: bool, window_size, q_offset,
   q_offset + i among the keys (q_offset = kv_length - q_length unless decoding).
   """
   window_size = check_window_size(window_size)
+  if causal and window_size is not None:
+    window_size = (window_size[0], 0)  # causal already hides every later key
   reasons = list(fallback_reasons)
   if mask is not None:
     reasons.append("a mask")
-  if window_size is not None:
-    reasons.append("window_size (not yet in the kernels)")
   bottom_right = isinstance(q_offset, int) and q_offset == key.shape[-3] - query.shape[-3]
   if causal and not bottom_right:
     reasons.append("a causal mask at a run-time position (decoding)")
+  if window_size is not None and not bottom_right:
+    reasons.append("a sliding window at a run-time position (decoding)")
   if not reasons:
-    return flash(query, key, value, causal=causal, implementation=implementation)
+    return flash(query, key, value, causal=causal, implementation=implementation,
+                 window_size=window_size)
   if not allow_fallback:
     raise ValueError("jax_flash.flax: this call needs the plain attention fallback "
                      f"(it has {', '.join(reasons)}) but allow_fallback=False")
