@@ -22,6 +22,19 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 portable = functools.partial(jax_flash.flash_attention, implementation="xla")
 
 
+# Float32 products at float32 precision on every backend (GPUs default to
+# TF32), so that the float32 cases are held to float32's error there too.
+_PRECISION = jax.default_matmul_precision("highest")
+
+
+def setUpModule():
+  _PRECISION.__enter__()
+
+
+def tearDownModule():
+  _PRECISION.__exit__(None, None, None)
+
+
 def inputs(seed, dtype=F32, *, batch=2, seq_q=37, seq_k=53, num_heads=4,
            num_kv_heads=2, head_dim=16):
   return util.random_inputs(seed, batch=batch, seq_q=seq_q, seq_k=seq_k,
