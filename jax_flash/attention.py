@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from jax_flash import _cuda
+from jax_flash import dropout
 from jax_flash import xla
 from jax_flash.variants import UNBOUNDED, Variant
 
@@ -24,7 +25,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
                     return_lse: bool = False, implementation: str | None = None,
                     deterministic: bool = False, window_size=None,
                     softcap: float | None = None, alibi_slopes=None,
-                    segment_ids=None, mask=None, bias=None):
+                    segment_ids=None, mask=None, bias=None,
+                    dropout_rate: float = 0.0, dropout_rng=None):
   """Exact softmax attention that never materializes the score matrix.
 
   Args:
@@ -66,6 +68,11 @@ def flash_attention(query, key, value, *, causal: bool = False,
     bias: float, broadcastable to [batch, num_heads, seq_q, seq_k], added to
       the scores (after the cap and ALiBi); differentiable. The slow path, like
       mask.
+    dropout_rate, dropout_rng: with a rate in (0, 1) and a JAX random key,
+      each attention probability is dropped with that rate and the kept ones
+      scaled by 1 / (1 - rate); lse is not affected. The mask comes from a
+      counter-based generator, is never stored, and is the same for a given
+      key on every path: `jax_flash.dropout_mask` returns it.
 
   Returns:
     out [batch, seq_q, num_heads, head_dim_v] in the dtype of query, or
@@ -84,7 +91,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
   softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
   variant, extras = _check_variant(
       query, key, causal=bool(causal), window_size=window_size, softcap=softcap,
-      alibi_slopes=alibi_slopes, segment_ids=segment_ids, mask=mask, bias=bias)
+      alibi_slopes=alibi_slopes, segment_ids=segment_ids, mask=mask, bias=bias,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   # What the CUDA kernels cannot run yet: such calls take the portable path.
   portable_only = variant.features
   if value.shape[-1] != head_dim:
@@ -170,7 +178,8 @@ def _check_softmax_scale(softmax_scale, head_dim: int) -> float:
 
 
 def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
-                   alibi_slopes=None, segment_ids=None, mask=None, bias=None):
+                   alibi_slopes=None, segment_ids=None, mask=None, bias=None,
+                   dropout_rate=0.0, dropout_rng=None):
   """The static Variant and its arrays by name, or an error naming the argument."""
   batch, seq_q, num_heads, _ = query.shape
   seq_k = key.shape[1]
@@ -255,11 +264,33 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
                       f"got {x.dtype}")
     extras[name] = x
 
+  rate = _check_dropout_rate(dropout_rate)
+  if rate:
+    if dropout_rng is None:
+      raise ValueError(f"flash_attention: dropout_rate={rate} needs dropout_rng, "
+                       "a JAX random key (jax.random.key(seed))")
+    try:
+      extras["dropout_seed"] = dropout.seed(dropout_rng)
+    except (TypeError, ValueError) as e:
+      raise TypeError("flash_attention: dropout_rng must be a JAX random key, "
+                      f"got {type(dropout_rng).__name__}: {e}") from e
+
   variant = Variant(window=window, softcap=cap,
                     alibi="alibi_slopes" in extras,
                     segments="q_segment_ids" in extras, mask="mask" in extras,
-                    bias="bias" in extras)
+                    bias="bias" in extras, dropout_rate=rate)
   return variant, extras
+
+
+def _check_dropout_rate(rate) -> float:
+  if (isinstance(rate, (bool, np.bool_, str, bytes)) or np.ndim(rate)
+      or isinstance(rate, jax.core.Tracer)):
+    raise TypeError("flash_attention: dropout_rate must be a Python number in "
+                    f"[0, 1), got {rate!r}")
+  rate = float(rate)
+  if not 0 <= rate < 1:
+    raise ValueError(f"flash_attention: dropout_rate must be in [0, 1), got {rate}")
+  return rate
 
 
 def _array_arg(name: str, x):

@@ -16,7 +16,8 @@ def attention_reference(query, key, value, *, causal: bool = False,
                         return_lse: bool = False, compute_dtype=None,
                         window_size=None, softcap: float | None = None,
                         alibi_slopes=None, segment_ids=None, mask=None,
-                        bias=None):
+                        bias=None, dropout_rate: float = 0.0,
+                        dropout_mask=None):
   """Softmax attention, the way plain XLA code computes it.
 
   Args:
@@ -43,6 +44,9 @@ def attention_reference(query, key, value, *, causal: bool = False,
       hides the key.
     bias: broadcastable to [batch, num_heads, seq_q, seq_k]; added to the
       scores after the cap and alibi.
+    dropout_rate, dropout_mask: with a rate > 0, the probabilities are
+      multiplied by dropout_mask [batch, num_heads, seq_q, seq_k] (True: kept)
+      / (1 - dropout_rate) before they weigh the values; lse is not affected.
 
   Returns:
     out [batch, seq_q, num_heads, head_dim_v] in the compute dtype, and with
@@ -106,6 +110,10 @@ def attention_reference(query, key, value, *, causal: bool = False,
   safe_sum = jnp.where(empty, 1, row_sum)
   probs = unnormalized / safe_sum
 
+  if dropout_rate:
+    if dropout_mask is None:
+      raise ValueError("attention_reference: dropout_rate > 0 needs dropout_mask")
+    probs = jnp.where(dropout_mask, probs / (1 - dropout_rate), 0).astype(dtype)
   probs = probs.reshape(batch, num_kv_heads, groups, seq_q, seq_k)
   out = matmul("bhgqk,bkhd->bqhgd", probs, v)
   out = out.reshape(batch, seq_q, num_heads, v.shape[-1])

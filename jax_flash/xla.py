@@ -12,8 +12,9 @@ Inside, heads are laid out as [batch, kv_heads, groups, seq, head_dim]: the quer
 heads that share a key/value head form the `groups` axis, so MQA/GQA read each
 key/value head once instead of repeating it.
 
-Variants (`variants.Variant`) change each tile's scores (soft cap, ALiBi, bias)
-and which pairs are visible (window, segments, mask). A window narrows the loops
+Variants (`variants.Variant`) change each tile's scores (soft cap, ALiBi, bias),
+which pairs are visible (window, segments, mask) and which probabilities weigh
+the values (dropout, regenerated per tile in the backward pass). A window narrows the loops
 to the key blocks it reaches, so its cost is linear in the sequence length; with
 segment ids, a tile whose query and key segments cannot meet is skipped.
 """
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_flash import dropout
 from jax_flash.variants import UNBOUNDED, Variant
 
 _F32 = jnp.float32
@@ -216,7 +218,21 @@ class _Extras:
       self.mask = _Dense(extras["mask"].astype(bool), t, num_kv_heads, False)
     if v.bias:
       self.bias = _Dense(extras["bias"].astype(_F32), t, num_kv_heads, 0.0)
+    if v.dropout_rate:
+      self.dropout_seed = extras["dropout_seed"]
+      # batch * num_heads + head of every [b, hk, g] position.
+      self.bh = (jnp.arange(batch)[:, None, None] * num_heads
+                 + jnp.arange(num_heads).reshape(num_kv_heads, groups))[..., None, None]
     self.t = t
+
+  def dropout_scale(self, i, j):
+    """[b, hk, g, bq, bk]: 1 / (1 - rate) where query block i's probability for
+    key block j is kept, 0 where it is dropped (see `dropout`)."""
+    rate = self.t.variant.dropout_rate
+    rows = i * self.t.block_q + jnp.arange(self.t.block_q)[:, None]
+    cols = j * self.t.block_k + jnp.arange(self.t.block_k)[None, :]
+    kept = dropout.keep(self.dropout_seed, rate, self.bh, rows, cols)
+    return jnp.where(kept, _F32(1 / (1 - rate)), _F32(0))
 
   def tiles_meet(self, i, j):
     """False when no query of block i shares a segment with a key of block j
@@ -311,6 +327,8 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
         p = jnp.exp(s - safe_max[..., None])
         rescale = jnp.exp(row_max - safe_max)
         row_sum = row_sum * rescale + p.sum(axis=-1)
+        if variant.dropout_rate:
+          p = p * ex.dropout_scale(i, j)
         acc = acc * rescale[..., None] + jnp.einsum(
             "bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_blocks[j],
             preferred_element_type=_F32)
@@ -385,10 +403,13 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
         q_i, dout_i = q_blocks[i], dout_blocks[i]
         s, cap_slope = t.scores(q_i, k_j, i, j, ex)
         p = jnp.exp(s - lse_blocks[i][..., None])
-        dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(v.dtype), dout_i,
-                             preferred_element_type=_F32)
+        # With dropout the values are weighed by p * scale; D = rowsum(dO * O)
+        # is then sum_j p * scale * dP, so dS keeps its form with dP scaled.
+        scale = ex.dropout_scale(i, j) if variant.dropout_rate else 1
+        dv = dv + jnp.einsum("bhgqk,bhgqd->bhkd", (p * scale).astype(v.dtype),
+                             dout_i, preferred_element_type=_F32)
         dp = jnp.einsum("bhgqd,bhkd->bhgqk", dout_i, v_j,
-                        preferred_element_type=_F32)
+                        preferred_element_type=_F32) * scale
         ds = p * (dp - delta_blocks[i][..., None])  # d loss / d final score
         d_ex = dict(d_ex)
         if variant.bias:

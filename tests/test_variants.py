@@ -133,6 +133,93 @@ class VariantsMatchReferenceTest(parameterized.TestCase):
             err_msg=f"{name}, blocks ({block_q}, {block_k})")
 
 
+class DropoutTest(parameterized.TestCase):
+
+  def with_rng(self, rng):
+    """flash_attention on the portable path with this key, taking (and
+    ignoring) the reference's dropout_mask argument."""
+    def attention(q, k, v, dropout_mask=None, **kwargs):
+      del dropout_mask
+      return portable(q, k, v, dropout_rng=rng, **kwargs)
+    return attention
+
+  @parameterized.named_parameters(
+      ("bf16", 0.2, False, BF16, []),
+      ("causal_gqa_window_f32", 0.5, True, F32, ["window_left"]),
+      ("segments_softcap_bf16", 0.1, False, BF16, ["segments", "softcap"]),
+  )
+  def test_output_lse_and_grads_match_reference_with_the_same_mask(
+      self, rate, causal, dtype, names):
+    q, k, v, dout, dlse = inputs(21, dtype)
+    rng = jax.random.key(4)
+    mask = jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=37,
+                                  seq_k=53)
+    arrays = variant_arrays(7, 2, 4, 37, 53)
+    util.assert_matches_reference(
+        self.with_rng(rng), q, k, v, dout, dlse, causal=causal,
+        dropout_rate=rate, dropout_mask=mask, **variant_kwargs(names, arrays))
+
+  def test_every_tiling_matches_reference_with_the_same_mask(self):
+    q, k, v, dout, dlse = inputs(22)
+    rng, rate = jax.random.key(6), 0.3
+    mask = jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=37,
+                                  seq_k=53)
+    (ref_out, ref_lse), vjp = jax.vjp(functools.partial(
+        jax_flash.attention_reference, softmax_scale=0.3, causal=True,
+        return_lse=True, dropout_rate=rate, dropout_mask=mask), q, k, v)
+    expected = (ref_out, ref_lse, *vjp((dout, dlse)))
+    variant, extras = jax_flash.attention._check_variant(
+        q, k, causal=True, dropout_rate=rate, dropout_rng=rng)
+    for block_q, block_k in ((1, 1), (5, 16), (16, 5)):
+      run = dict(softmax_scale=0.3, causal=True, variant=variant,
+                 block_q=block_q, block_k=block_k)
+      out, lse = xla.forward(q, k, v, extras, **run)
+      dq, dk, dv, _ = xla.backward(q, k, v, out, lse, dout, dlse, extras, **run)
+      for name, a, b in zip(("out", "lse", "dq", "dk", "dv"),
+                            (out, lse, dq, dk, dv), expected):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5,
+            err_msg=f"{name}, blocks ({block_q}, {block_k})")
+
+  @parameterized.parameters(0.1, 0.5, 0.9)
+  def test_kept_fraction_is_within_one_percent_of_one_minus_rate(self, rate):
+    mask = jax_flash.dropout_mask(jax.random.key(3), rate, batch=1, num_heads=8,
+                                  seq_q=512, seq_k=512)
+    kept = float(mask.mean())
+    self.assertLess(abs(kept - (1 - rate)), 0.01 * (1 - rate))
+    # Heads and rows draw their own entries.
+    self.assertFalse(bool(jnp.all(mask[0, 0] == mask[0, 1])))
+    self.assertFalse(bool(jnp.all(mask[0, 0, 0] == mask[0, 0, 1])))
+
+  def test_same_key_repeats_bitwise_and_another_key_differs(self):
+    q, k, v, dout, _ = inputs(23)
+
+    def run(rng):
+      fn = lambda q, k, v: jnp.sum(portable(q, k, v, dropout_rate=0.4,
+                                            dropout_rng=rng) * dout)
+      return jax.jit(jax.value_and_grad(fn, (0, 1, 2)))(q, k, v)
+
+    first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(
+        jax.random.key(2))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    self.assertNotEqual(float(first[0]), float(other[0]))
+
+  def test_philox_matches_its_known_answers(self):
+    # Known-answer vectors of Philox-4x32-10 (Random123).
+    for counter, key, expected in (
+        ((0, 0, 0, 0), (0, 0),
+         (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+        ((0xffffffff,) * 4, (0xffffffff,) * 2,
+         (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+        ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344),
+         (0xa4093822, 0x299f31d0),
+         (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))):
+      words = jax_flash.dropout.philox4x32(
+          [jnp.uint32(c) for c in counter], [jnp.uint32(k) for k in key])
+      self.assertEqual(tuple(int(w) for w in words), expected)
+
+
 class VariantGradientsTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -265,6 +352,11 @@ class VariantArgumentsTest(parameterized.TestCase):
       ("mask_shape", dict(mask=jnp.ones((3, 37, 53), bool)), ValueError, "mask"),
       ("bias_shape", dict(bias=jnp.ones((37, 52))), ValueError, "bias"),
       ("bias_int", dict(bias=jnp.ones((37, 53), jnp.int32)), TypeError, "bias"),
+      ("dropout_without_rng", dict(dropout_rate=0.1), ValueError, "dropout_rng"),
+      ("dropout_rate_one", dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)),
+       ValueError, "dropout_rate"),
+      ("dropout_rng_not_a_key", dict(dropout_rate=0.1, dropout_rng="seed"),
+       TypeError, "dropout_rng"),
   )
   def test_bad_variant_arguments_raise_naming_them(self, kwargs, error, message):
     q, k, v, _, _ = inputs(14)
