@@ -50,5 +50,26 @@ class SummaryTest(absltest.TestCase):
     self.assertFalse(any("matmul" in line for line in bench_attention.summary_lines(rows)))
 
 
+class VariantsBenchmarkTest(absltest.TestCase):
+
+  def test_smoke_run_on_cpu_writes_every_section(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_variants.py"),
+                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
+                     check=True, cwd=ROOT, timeout=600, capture_output=True)
+      rows = [json.loads(line) for line in
+              (pathlib.Path(tmp) / "variants-smoke.jsonl").read_text().splitlines()]
+      table = (pathlib.Path(tmp) / "variants-smoke.md").read_text()
+    timed = {(r["section"], r["label"], r["peer"]) for r in rows if "ms" in r}
+    for row in (("cost", "window", "jax_flash"), ("cost", "dropout", "jax_flash"),
+                ("window", "seq 256", "jax_flash"),
+                ("packing", "4 x 64", "jax_flash_packed"),
+                ("packing", "4 x 64", "jax_flash_apart")):
+      self.assertIn(row, timed)
+    for title in ("What each variant costs", "A fixed window as the sequence grows",
+                  "Packed documents against the same documents apart"):
+      self.assertIn(title, table)
+
+
 if __name__ == "__main__":
   absltest.main()

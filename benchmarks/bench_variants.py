@@ -1,0 +1,231 @@
+"""Attention variants on one GPU, every peer in the same process:
+
+  cost     each variant (window, softcap, ALiBi, segment ids, dropout, bias,
+           mask) against plain causal attention at one shape, jax_flash and,
+           where it has the variant, cuDNN (`jax.nn.dot_product_attention`)
+  window   a fixed causal window as the sequence grows at constant tokens per
+           batch: time per token stays flat when blocks outside it are skipped
+  packing  one row of documents packed with segment ids against the same
+           documents as a batch (jax_flash, and cuDNN with sequence lengths)
+
+Time: the median of repeats, the peers of a row taking turns (bench_attention's
+time_calls). Writes <out-dir>/<name>.jsonl and .md and prints the table last.
+
+  python benchmarks/bench_variants.py --out-dir benchmarks/results
+  python benchmarks/bench_variants.py --allow-cpu --quick   # smoke test on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import jax_flash  # noqa: E402
+from bench_attention import Timing, _default_name, _error_text, step_fn, time_calls  # noqa: E402
+
+MODES = ("fwd", "fwdbwd")
+
+
+def documents(batch: int, length: int, count: int):
+  """Segment ids [batch, length] of `count` equal documents per row."""
+  return jnp.repeat(jnp.arange(count, dtype=jnp.int32), length // count)[None].repeat(
+      batch, axis=0)
+
+
+def cost_peers(name: str, shape: dict, window: int, docs: int):
+  """{peer: attention(q, k, v)} for variant `name` (causal throughout)."""
+  b, s, h = shape["batch"], shape["seq"], shape["heads"]
+  flash = functools.partial(jax_flash.flash_attention, causal=True)
+  cudnn = functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                            implementation="cudnn")
+  key = jax.random.key(1)
+  if name == "plain":
+    return {"jax_flash": flash, "cudnn": cudnn}
+  if name == "window":
+    return {"jax_flash": functools.partial(flash, window_size=(window, 0)),
+            "cudnn": functools.partial(cudnn, local_window_size=(window, 0))}
+  if name == "softcap":
+    return {"jax_flash": functools.partial(flash, softcap=30.0)}
+  if name == "alibi":
+    slopes = 2.0 ** (-8.0 * jnp.arange(1, h + 1) / h)
+    return {"jax_flash": functools.partial(flash, alibi_slopes=slopes)}
+  if name == "segments":
+    ids = documents(b, s, docs)
+    return {"jax_flash": functools.partial(flash, segment_ids=(ids, ids))}
+  if name == "dropout":
+    return {"jax_flash": functools.partial(flash, dropout_rate=0.1, dropout_rng=key)}
+  if name == "bias":
+    bias = jax.random.normal(key, (1, 1, s, s), jnp.bfloat16)
+    return {"jax_flash": functools.partial(flash, bias=bias),
+            "cudnn": functools.partial(cudnn, bias=bias)}
+  if name == "mask":
+    mask = jax.random.bernoulli(key, 0.9, (1, 1, s, s))
+    return {"jax_flash": functools.partial(flash, mask=mask),
+            "cudnn": functools.partial(cudnn, mask=mask)}
+  raise ValueError(name)
+
+
+def inputs(batch, seq, heads, head_dim, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return tuple(jax.random.normal(k, (batch, seq, heads, head_dim), dtype) for k in keys)
+
+
+def measure_row(section: str, label: str, peers: dict, args, mode: str,
+                timing: Timing, **fields) -> list[dict]:
+  """One result per peer; the peers that compile take turns being timed."""
+  rows, fns = [], []
+  for peer, attn in peers.items():
+    row = dict(section=section, label=label, peer=peer, mode=mode, **fields)
+    try:
+      fn = jax.jit(step_fn(attn, mode)).lower(*args).compile()
+      jax.block_until_ready(fn(*args))
+      fns.append((row, fn))
+    except Exception as e:  # noqa: BLE001 - every failure is a result to record
+      row["error"] = _error_text(e)
+    rows.append(row)
+  try:
+    for (row, _), sec in zip(fns, time_calls([fn for _, fn in fns], args, timing)):
+      row["ms"] = sec * 1e3
+  except Exception as e:  # noqa: BLE001
+    for row, _ in fns:
+      row["error"] = _error_text(e)
+  return rows
+
+
+def run(args, timing: Timing, record):
+  dtype = jnp.bfloat16
+  d, h = args.head_dim, args.heads
+  shape = dict(batch=max(1, args.tokens // args.seq), seq=args.seq, heads=h)
+  qkv = inputs(shape["batch"], args.seq, h, d, dtype)
+  for name in ("plain", "window", "softcap", "alibi", "segments", "dropout",
+               "bias", "mask"):
+    for mode in args.modes:
+      for row in measure_row("cost", name, cost_peers(name, shape, args.window,
+                                                      args.documents[-1]),
+                             qkv, mode, timing, **shape):
+        record(row)
+
+  for seq in args.window_seqs:
+    batch = max(1, args.tokens // seq)
+    qkv = inputs(batch, seq, h, d, dtype, seed=seq)
+    flash = functools.partial(jax_flash.flash_attention, causal=True)
+    peers = {"jax_flash": functools.partial(flash, window_size=(args.window, 0)),
+             "cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                        implementation="cudnn",
+                                        local_window_size=(args.window, 0)),
+             "jax_flash_causal": flash}
+    for mode in args.modes:
+      for row in measure_row("window", f"seq {seq}", peers, qkv, mode, timing,
+                             seq=seq, batch=batch, heads=h):
+        record(row)
+
+  for count in args.documents:
+    length = args.seq // count
+    packed = inputs(1, args.seq, h, d, dtype, seed=count)
+    apart = tuple(x.reshape(count, length, h, d) for x in packed)
+    ids = documents(1, args.seq, count)
+    lengths = jnp.full((count,), length, jnp.int32)
+    for mode in args.modes:
+      rows = measure_row("packing", f"{count} x {length}", {
+          "jax_flash_packed": functools.partial(
+              jax_flash.flash_attention, causal=True, segment_ids=(ids, ids))},
+          packed, mode, timing, documents=count, length=length)
+      rows += measure_row("packing", f"{count} x {length}", {
+          "jax_flash_apart": functools.partial(jax_flash.flash_attention, causal=True),
+          "cudnn_apart": functools.partial(
+              jax.nn.dot_product_attention, is_causal=True, implementation="cudnn",
+              query_seq_lengths=lengths, key_value_seq_lengths=lengths)},
+          apart, mode, timing, documents=count, length=length)
+      for row in rows:
+        record(row)
+
+
+def markdown(rows, command: str, seconds: float) -> str:
+  device = jax.devices()[0].device_kind
+  out = [f"# Attention variants: {device}, {time.strftime('%Y-%m-%d')}", "",
+         f"Command: `{command}`  ",
+         f"jax {jax.__version__}, bf16, causal; ms = median time of one call (fwd) or of "
+         "one forward and backward (fwdbwd); x plain = over the same peer's plain "
+         f"causal attention in the cost section. Took {seconds:.0f} s.", ""]
+  cell = lambda r: ("OOM" if "RESOURCE_EXHAUSTED" in r["error"] else "err") \
+      if "error" in r else f"{r['ms']:.2f}"
+  for section, title in (("cost", "What each variant costs"),
+                         ("window", "A fixed window as the sequence grows (constant tokens)"),
+                         ("packing", "Packed documents against the same documents apart")):
+    part = [r for r in rows if r["section"] == section]
+    if not part:
+      continue
+    peers = list(dict.fromkeys(r["peer"] for r in part))
+    out += [f"## {title}", "", "| row | mode | " + " | ".join(f"{p} ms" for p in peers)
+            + (" | jax_flash x plain |" if section == "cost" else " |"),
+            "|" + "---|" * (2 + len(peers) + (section == "cost"))]
+    plain = {r["mode"]: r for r in part if r["label"] == "plain" and r["peer"] == "jax_flash"}
+    for label in dict.fromkeys(r["label"] for r in part):
+      for mode in dict.fromkeys(r["mode"] for r in part):
+        by = {r["peer"]: r for r in part if r["label"] == label and r["mode"] == mode}
+        line = f"| {label} | {mode} | " + " | ".join(
+            cell(by[p]) if p in by else "-" for p in peers)
+        if section == "cost":
+          r, p0 = by.get("jax_flash", {}), plain.get(mode, {})
+          line += " | " + (f"{r['ms'] / p0['ms']:.2f}" if "ms" in r and "ms" in p0 else "-")
+        out.append(line + " |")
+    out.append("")
+  return "\n".join(out)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seq", type=int, default=8192, help="cost and packing sections")
+  p.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--window", type=int, default=1024, help="left window, causal")
+  p.add_argument("--window-seqs", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[4096, 8192, 16384, 32768])
+  p.add_argument("--documents", type=lambda s: [int(x) for x in s.split(",")],
+                 default=[4, 16, 64])
+  p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+  p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+  p.add_argument("--name", default=None, help="output file stem")
+  p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+  p.add_argument("--allow-cpu", action="store_true", help="run without a GPU")
+  args = p.parse_args(argv)
+  if jax.devices()[0].platform != "gpu" and not args.allow_cpu:
+    raise SystemExit("bench_variants: no GPU (use --allow-cpu for a smoke test)")
+  if args.quick:
+    args.seq, args.tokens, args.heads, args.head_dim = 256, 512, 2, 64
+    args.window, args.window_seqs, args.documents = 64, [128, 256], [2, 4]
+  timing = Timing(repeats=2, min_repeat_s=0.0, max_iters=1) if args.quick else Timing()
+  name = "variants-" + (args.name or _default_name())
+  args.out_dir.mkdir(parents=True, exist_ok=True)
+  log = args.out_dir / f"{name}.jsonl"
+  log.write_text("")
+  rows = []
+
+  def record(row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    with log.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  start = time.perf_counter()
+  run(args, timing, record)
+  command = "python benchmarks/bench_variants.py " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  md = markdown(rows, command.strip(), time.perf_counter() - start)
+  (args.out_dir / f"{name}.md").write_text(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
