@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flash import xla
+
 # Head dims the kernels are compiled for; other sizes are zero-padded to the next
 # one (zero columns change neither q.k nor the output of the real columns).
 NATIVE_HEAD_DIMS = (64, 128, 256)
@@ -156,6 +158,25 @@ def _padded_head_dim(head_dim: int) -> int:
   return next(d for d in NATIVE_HEAD_DIMS if d >= head_dim)
 
 
+def _varies_over_mesh_axes(x) -> bool:
+  """True inside shard_map for a value that differs between devices."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return bool(getattr(manual, "varying", None) if manual is not None
+              else getattr(aval, "vma", None))
+
+
+def _vary_like(results, inputs):
+  """Inside shard_map, ffi_call types its results as equal on every device of
+  the manual mesh axes; the kernels' results vary as their inputs do. An exact
+  zero computed from the inputs, added, gives them the inputs' type (XLA folds
+  it away)."""
+  if not any(_varies_over_mesh_axes(x) for x in inputs):
+    return results
+  zero = xla.zero_of(*inputs)
+  return tuple(r + zero.astype(r.dtype) for r in results)
+
+
 def _pad_last(x, size):
   pad = size - x.shape[-1]
   if pad == 0:
@@ -176,7 +197,7 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool):
       vmap_method="broadcast_all",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal))
-  return out[..., :d], lse
+  return _vary_like((out[..., :d], lse), (q, k, v))
 
 
 # Rows of a query block in the deterministic backward's turn counters: the
@@ -206,4 +227,5 @@ def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
     lse.astype(f32), dlse.astype(f32),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal),
     deterministic=bool(deterministic))
-  return dq[..., :d], dk[..., :d], dv[..., :d]
+  return _vary_like((dq[..., :d], dk[..., :d], dv[..., :d]),
+                    (q, k, v, out, lse, dout, dlse))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -81,18 +82,59 @@ def flash_attention(query, key, value, *, causal: bool = False,
 
   q, k and v share one dtype: float16, bfloat16 or float32.
   """
+  if not isinstance(return_lse, (bool, np.bool_)):
+    raise TypeError(f"flash_attention: return_lse must be a Python bool, got "
+                    f"{return_lse!r} of type {type(return_lse).__name__}")
+  (query, key, value), extras, plan = make_plan(
+      query, key, value, causal=causal, softmax_scale=softmax_scale,
+      implementation=implementation, deterministic=deterministic,
+      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+      segment_ids=segment_ids, mask=mask, bias=bias, dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng)
+  out, lse = _attention(query, key, value, extras, *plan.vjp_args())
+  return (out, lse) if return_lse else out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How a call runs, decided at trace time: the static arguments of the
+  custom VJP, in its order."""
+  softmax_scale: float
+  causal: bool
+  deterministic: bool
+  backend: str
+  variant: Variant
+
+  def vjp_args(self):
+    return (self.softmax_scale, self.causal, self.deterministic, self.backend,
+            self.variant)
+
+  def forward(self, q, k, v, extras):
+    """out and lse of the local call, no custom VJP (for callers with their own)."""
+    return _run((q, k, v), extras, op="forward", backend=self.backend,
+                softmax_scale=self.softmax_scale, causal=self.causal,
+                variant=self.variant)
+
+  def backward(self, q, k, v, out, lse, dout, dlse, extras):
+    """dq, dk, dv of the local call from a given out and lse (which may be those
+    of a larger attention this call is a part of)."""
+    return _run((q, k, v, out, lse, dout, dlse), extras, op="backward",
+                backend=self.backend, softmax_scale=self.softmax_scale,
+                causal=self.causal, variant=self.variant,
+                deterministic=self.deterministic)[:3]
+
+
+def make_plan(query, key, value, *, causal=False, softmax_scale=None,
+              implementation=None, deterministic=False, **variant_kwargs):
+  """Checks the arguments and decides the backend: ((q, k, v), extras, Plan)."""
   query, key, value = _check_arrays(query, key, value)
-  for name, flag in (("causal", causal), ("return_lse", return_lse),
-                     ("deterministic", deterministic)):
+  for name, flag in (("causal", causal), ("deterministic", deterministic)):
     if not isinstance(flag, (bool, np.bool_)):
       raise TypeError(f"flash_attention: {name} must be a Python bool, got "
                       f"{flag!r} of type {type(flag).__name__}")
   head_dim = query.shape[-1]
   softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
-  variant, extras = _check_variant(
-      query, key, causal=bool(causal), window_size=window_size, softcap=softcap,
-      alibi_slopes=alibi_slopes, segment_ids=segment_ids, mask=mask, bias=bias,
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  variant, extras = _check_variant(query, key, causal=bool(causal), **variant_kwargs)
   # What the CUDA kernels cannot run yet: such calls take the portable path.
   portable_only = variant.features
   if value.shape[-1] != head_dim:
@@ -102,9 +144,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
       sizes=dict(batch=query.shape[0], heads=query.shape[2],
                  seq_q=query.shape[1], seq_k=key.shape[1]),
       portable_only=portable_only)
-  out, lse = _attention(query, key, value, extras, softmax_scale, bool(causal),
-                        bool(deterministic), backend, variant)
-  return (out, lse) if return_lse else out
+  return (query, key, value), extras, Plan(softmax_scale, bool(causal),
+                                           bool(deterministic), backend, variant)
 
 
 def _check_arrays(query, key, value):

@@ -249,7 +249,7 @@ def _skip_unless(condition, compute, carry):
   return lax.cond(condition, compute, lambda c: c, carry)
 
 
-def _zero_of(*inputs):
+def zero_of(*inputs):
   """A float32 scalar 0 that depends on every input.
 
   Inside shard_map a loop carry must keep its type, which includes the mesh axes
@@ -310,7 +310,7 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
   q_blocks = _split(_group_heads(q, num_kv_heads), t.num_q, t.block_q)
   k_blocks, v_blocks = (_split(_keys_first(x), t.num_k, t.block_k)
                         for x in (k, v))
-  zero = _zero_of(q, k, v, *jax.tree.leaves(extras))
+  zero = zero_of(q, k, v, *jax.tree.leaves(extras))
 
   def query_block(args):
     q_i, i = args
@@ -386,7 +386,7 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
       _group_heads(x.transpose(0, 2, 1)[..., None], num_kv_heads),
       t.num_q, t.block_q)[..., 0]
   lse_blocks, delta_blocks = row_blocks(safe_lse), row_blocks(delta)
-  zero = _zero_of(q, k, v, out, lse, dout, dlse, *jax.tree.leaves(extras))
+  zero = zero_of(q, k, v, out, lse, dout, dlse, *jax.tree.leaves(extras))
   # Cotangents of the float extras, accumulated over every tile.
   d_extras = {}
   if variant.bias:

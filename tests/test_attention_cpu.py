@@ -486,6 +486,22 @@ class BackendChoiceTest(absltest.TestCase):
     self.assertNotIn("jax_flash_bwd", text)
     self.assertIn("stablehlo.while", text)
 
+  def test_shard_map_lowers_the_kernels_with_their_gradient(self):
+    # Inside shard_map the kernels' results must vary over the mesh axes as
+    # their inputs do, or tracing the platform choice fails.
+    mesh = jax.make_mesh((2,), ("batch",), devices=jax.devices()[:2])
+    spec = jax.sharding.PartitionSpec("batch")
+    q, k, v = (jax.ShapeDtypeStruct((4,) + x.shape[1:], x.dtype,
+                                    sharding=jax.NamedSharding(mesh, spec))
+               for x in (self.q, self.k, self.v))
+    loss = lambda q, k, v: jax_flash.flash_attention(q, k, v, causal=True).astype(
+        jnp.float32).sum()
+    sharded = jax.shard_map(jax.grad(loss, (0, 1, 2)), mesh=mesh, in_specs=spec,
+                            out_specs=spec)
+    text = jax.jit(sharded).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("jax_flash_fwd", text)
+    self.assertIn("jax_flash_bwd", text)
+
   def test_cpu_arrays_compute_correctly_under_vmap_and_grad(self):
     # The kernels' FFI targets exist only for CUDA: reaching them on CPU fails.
     got = jax.vmap(self.grad_fn())(
