@@ -1,6 +1,7 @@
 """The benchmark's reporting, from rows like a GPU run writes (no GPU needed)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -69,6 +70,22 @@ class VariantsBenchmarkTest(absltest.TestCase):
     for title in ("What each variant costs", "A fixed window as the sequence grows",
                   "Packed documents against the same documents apart"):
       self.assertIn(title, table)
+
+
+class RingBenchmarkTest(absltest.TestCase):
+
+  def test_smoke_run_on_simulated_devices_times_every_mode(self):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    with tempfile.TemporaryDirectory() as tmp:
+      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ring.py"),
+                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
+                     check=True, cwd=ROOT, timeout=600, capture_output=True, env=env)
+      rows = [json.loads(line) for line in
+              (pathlib.Path(tmp) / "ring-smoke.jsonl").read_text().splitlines()]
+    self.assertEqual([r for r in rows if "error" in r], [])
+    self.assertEqual({(r["devices"], r["mode"]) for r in rows if r["seq"] == 128},
+                     {(1, "one device")} | {(n, m) for n in (1, 2, 4)
+                                            for m in ("ring", "allgather")})
 
 
 if __name__ == "__main__":
