@@ -410,6 +410,50 @@ def ratio_plot(rows, path: pathlib.Path, title: str):
   plt.close(fig)
 
 
+class RunLog:
+  """The rows of a benchmark run: printed as they come and appended to
+  <out_dir>/<name>.jsonl, so a run cut short keeps what it measured; `finish`
+  writes and prints the markdown table."""
+
+  def __init__(self, out_dir: pathlib.Path, name: str):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    self.jsonl, self.md = out_dir / f"{name}.jsonl", out_dir / f"{name}.md"
+    self.jsonl.write_text("")
+    self.rows, self.start = [], time.perf_counter()
+
+  def record(self, row: dict):
+    self.rows.append(row)
+    print(json.dumps(row), flush=True)
+    with self.jsonl.open("a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def finish(self, markdown, script: str, argv) -> str:
+    """markdown(rows, command, seconds) -> the table, written and printed."""
+    command = f"python benchmarks/{script} " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    text = markdown(self.rows, command.strip(), time.perf_counter() - self.start)
+    self.md.write_text(text)
+    print(text)
+    return text
+
+
+def add_run_arguments(p: argparse.ArgumentParser):
+  """The options of the scripts built on RunLog."""
+  p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+  p.add_argument("--name", default=None, help="output file stem (after the script's prefix)")
+  p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+  p.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test)")
+
+
+def start_run(args, prefix: str) -> tuple[Timing, RunLog]:
+  """The timing and log of a run of such a script; refuses to time a CPU
+  unless --allow-cpu."""
+  if jax.devices()[0].platform != "gpu" and not args.allow_cpu:
+    raise SystemExit(f"{prefix}: no GPU (use --allow-cpu for a smoke test)")
+  timing = Timing(repeats=2, min_repeat_s=0.0, max_iters=1) if args.quick else Timing()
+  return timing, RunLog(args.out_dir, f"{prefix}-" + (args.name or _default_name()))
+
+
 def _default_name() -> str:
   kind = jax.devices()[0].device_kind
   slug = re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-") or "device"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -30,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_flash  # noqa: E402
-from bench_attention import Timing, _default_name, _error_text, time_call  # noqa: E402
+from bench_attention import (  # noqa: E402
+    Timing, _error_text, add_run_arguments, start_run, time_call)
 
 
 def step(n: int, mode: str | None):
@@ -102,34 +102,18 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
-  p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
-  p.add_argument("--name", default=None)
-  p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-  p.add_argument("--allow-cpu", action="store_true", help="run without a GPU")
+  add_run_arguments(p)
   args = p.parse_args(argv)
-  if jax.devices()[0].platform != "gpu" and not args.allow_cpu:
-    raise SystemExit("bench_ring: no GPU (use --allow-cpu for a smoke test)")
+  timing, run_log = start_run(args, "ring")
   if args.quick:
     args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
-  timing = Timing(repeats=2, min_repeat_s=0.0, max_iters=1) if args.quick else Timing()
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
-  name = "ring-" + (args.name or _default_name())
-  args.out_dir.mkdir(parents=True, exist_ok=True)
-  rows, start = [], time.perf_counter()
-  with (args.out_dir / f"{name}.jsonl").open("w") as log:
-    for seq in args.seqs:
-      plan = [(1, None)] + [(n, mode) for n in counts for mode in ("ring", "allgather")
-                            if seq % (2 * n) == 0]
-      for n, mode in plan:
-        row = measure(n, mode, seq, args, timing)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        log.write(json.dumps(row) + "\n")
-  command = "python benchmarks/bench_ring.py " + " ".join(
-      argv if argv is not None else sys.argv[1:])
-  md = markdown(rows, command.strip(), time.perf_counter() - start)
-  (args.out_dir / f"{name}.md").write_text(md)
-  print(md)
+  for seq in args.seqs:
+    plan = [(1, None)] + [(n, mode) for n in counts for mode in ("ring", "allgather")
+                          if seq % (2 * n) == 0]
+    for n, mode in plan:
+      run_log.record(measure(n, mode, seq, args, timing))
+  run_log.finish(markdown, "bench_ring.py", argv)
 
 
 if __name__ == "__main__":

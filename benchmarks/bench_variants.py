@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 import time
@@ -30,7 +29,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_flash  # noqa: E402
-from bench_attention import Timing, _default_name, _error_text, step_fn, time_calls  # noqa: E402
+from bench_attention import (  # noqa: E402
+    Timing, _error_text, add_run_arguments, start_run, step_fn, time_calls)
 
 MODES = ("fwd", "fwdbwd")
 
@@ -195,36 +195,14 @@ def main(argv=None):
   p.add_argument("--documents", type=lambda s: [int(x) for x in s.split(",")],
                  default=[4, 16, 64])
   p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
-  p.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
-  p.add_argument("--name", default=None, help="output file stem")
-  p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-  p.add_argument("--allow-cpu", action="store_true", help="run without a GPU")
+  add_run_arguments(p)
   args = p.parse_args(argv)
-  if jax.devices()[0].platform != "gpu" and not args.allow_cpu:
-    raise SystemExit("bench_variants: no GPU (use --allow-cpu for a smoke test)")
+  timing, run_log = start_run(args, "variants")
   if args.quick:
     args.seq, args.tokens, args.heads, args.head_dim = 256, 512, 2, 64
     args.window, args.window_seqs, args.documents = 64, [128, 256], [2, 4]
-  timing = Timing(repeats=2, min_repeat_s=0.0, max_iters=1) if args.quick else Timing()
-  name = "variants-" + (args.name or _default_name())
-  args.out_dir.mkdir(parents=True, exist_ok=True)
-  log = args.out_dir / f"{name}.jsonl"
-  log.write_text("")
-  rows = []
-
-  def record(row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
-    with log.open("a") as f:
-      f.write(json.dumps(row) + "\n")
-
-  start = time.perf_counter()
-  run(args, timing, record)
-  command = "python benchmarks/bench_variants.py " + " ".join(
-      argv if argv is not None else sys.argv[1:])
-  md = markdown(rows, command.strip(), time.perf_counter() - start)
-  (args.out_dir / f"{name}.md").write_text(md)
-  print(md)
+  run(args, timing, run_log.record)
+  run_log.finish(markdown, "bench_variants.py", argv)
 
 
 if __name__ == "__main__":
