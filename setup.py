@@ -44,19 +44,12 @@ def _load_kernel_units():
 UNITS = _load_kernel_units()
 
 
-def _list_env(name, default, allowed):
-  values, error = UNITS["parse_list"](name, os.environ.get(name), default, allowed)
+def compilation_units():
+  """(object name, source, flags) of every unit this build compiles, and the archs."""
+  settings, error = UNITS["configured_settings"](os.environ)
   if error:
     raise SystemExit(error)
-  return values
-
-
-def compilation_units():
-  """(object name, source, flags) of every unit this build compiles."""
-  archs = _list_env("JAX_FLASH_CUDA_ARCHS", UNITS["DEFAULT_CUDA_ARCHS"], None)
-  dtypes = _list_env("JAX_FLASH_DTYPES", UNITS["ALL_DTYPES"], UNITS["ALL_DTYPES"])
-  head_dims = _list_env("JAX_FLASH_HEAD_DIMS", UNITS["ALL_HEAD_DIMS"], UNITS["ALL_HEAD_DIMS"])
-  return UNITS["kernel_units"](archs, dtypes, head_dims) + UNITS["host_units"](), archs
+  return UNITS["kernel_units"](*settings) + UNITS["host_units"](), settings[0]
 
 
 def find_nvcc():

@@ -33,6 +33,25 @@ def parse_list(name, value, default, allowed):
         return values, "%s=%r: allowed values are %s" % (name, value, allowed_text)
     return values, ""
 
+# The settings that choose what to compile: (variable, default, allowed values;
+# None: any).
+UNIT_SETTINGS = [
+    ("JAX_FLASH_CUDA_ARCHS", DEFAULT_CUDA_ARCHS, None),
+    ("JAX_FLASH_DTYPES", ALL_DTYPES, ALL_DTYPES),
+    ("JAX_FLASH_HEAD_DIMS", ALL_HEAD_DIMS, ALL_HEAD_DIMS),
+]
+
+def configured_settings(environ):
+    """[archs, dtypes, head_dims] from the UNIT_SETTINGS in `environ` (a dict of
+    the environment), and an error message ("" if none)."""
+    settings = []
+    for name, default, allowed in UNIT_SETTINGS:
+        values, error = parse_list(name, environ.get(name), default, allowed)
+        if error:
+            return settings, error
+        settings.append(values)
+    return settings, ""
+
 def kernel_units(archs, dtypes, head_dims):
     """(name, source, flags) of every kernel compilation unit.
 

@@ -14,19 +14,7 @@
 #                                  that PYTHON_BIN_PATH imports)
 #   PYTHON_BIN_PATH                the interpreter (default: python3 on PATH)
 
-load(
-    "//cuda:kernel_units.bzl",
-    "ALL_DTYPES",
-    "ALL_HEAD_DIMS",
-    "DEFAULT_CUDA_ARCHS",
-    "parse_list",
-)
-
-_UNIT_SETTINGS = [
-    ("JAX_FLASH_CUDA_ARCHS", DEFAULT_CUDA_ARCHS, None),
-    ("JAX_FLASH_DTYPES", ALL_DTYPES, ALL_DTYPES),
-    ("JAX_FLASH_HEAD_DIMS", ALL_HEAD_DIMS, ALL_HEAD_DIMS),
-]
+load("//cuda:kernel_units.bzl", "UNIT_SETTINGS", "configured_settings")
 
 def _find_nvcc(ctx):
     env = ctx.os.environ
@@ -55,18 +43,18 @@ def _local_cuda_impl(ctx):
     nvcc = _find_nvcc(ctx)
     # A wrapper rather than a link: nvcc finds its own installation from its path.
     ctx.file("nvcc", "#!/bin/sh\nexec '%s' \"$@\"\n" % nvcc, executable = True)
+    settings, error = configured_settings(ctx.os.environ)
+    if error:
+        fail("jax_flash: " + error)
     config = ["# What //cuda compiles, from the environment at fetch time.\n"]
-    for name, default, allowed in _UNIT_SETTINGS:
-        values, error = parse_list(name, ctx.os.environ.get(name), default, allowed)
-        if error:
-            fail("jax_flash: " + error)
+    for (name, _, _), values in zip(UNIT_SETTINGS, settings):
         config.append("%s = %r\n" % (name.replace("JAX_FLASH_", ""), values))
     ctx.file("config.bzl", "".join(config))
     ctx.file("BUILD", 'exports_files(["nvcc", "config.bzl"])\n')
 
 local_cuda_repository = repository_rule(
     implementation = _local_cuda_impl,
-    environ = ["CUDA_HOME", "CUDA_PATH", "NVCC", "PATH"] + [s[0] for s in _UNIT_SETTINGS],
+    environ = ["CUDA_HOME", "CUDA_PATH", "NVCC", "PATH"] + [s[0] for s in UNIT_SETTINGS],
     local = True,
 )
 

@@ -26,14 +26,8 @@ def configured_kernels() -> set[tuple[str, str, int, str]]:
   """(family, dtype, head_dim, pass) of every unit the environment's
   JAX_FLASH_* settings compile, from the list both builds read."""
   units = kernel_units_module()
-  settings = []
-  for name, default, allowed in (
-      ("JAX_FLASH_CUDA_ARCHS", units["DEFAULT_CUDA_ARCHS"], None),
-      ("JAX_FLASH_DTYPES", units["ALL_DTYPES"], units["ALL_DTYPES"]),
-      ("JAX_FLASH_HEAD_DIMS", units["ALL_HEAD_DIMS"], units["ALL_HEAD_DIMS"])):
-    values, error = units["parse_list"](name, os.environ.get(name), default, allowed)
-    assert not error, error
-    settings.append(values)
+  settings, error = units["configured_settings"](os.environ)
+  assert not error, error
   kernels = set()
   for name, _, _ in units["kernel_units"](*settings):
     family, pass_, dtype, head_dim = name.split("_")
