@@ -91,37 +91,33 @@ def flash_attention(query, key, value, *, causal: bool = False,
       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
       segment_ids=segment_ids, mask=mask, bias=bias, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng)
-  out, lse = _attention(query, key, value, extras, *plan.vjp_args())
+  out, lse = _attention(query, key, value, extras, plan)
   return (out, lse) if return_lse else out
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """How a call runs, decided at trace time: the static arguments of the
-  custom VJP, in its order."""
+  """How a call runs, decided at trace time (the static argument of its
+  custom VJP)."""
   softmax_scale: float
   causal: bool
   deterministic: bool
   backend: str
   variant: Variant
 
-  def vjp_args(self):
-    return (self.softmax_scale, self.causal, self.deterministic, self.backend,
-            self.variant)
-
   def forward(self, q, k, v, extras):
-    """out and lse of the local call, no custom VJP (for callers with their own)."""
+    """out and lse of the call, no custom VJP (for callers with their own)."""
     return _run((q, k, v), extras, op="forward", backend=self.backend,
                 softmax_scale=self.softmax_scale, causal=self.causal,
                 variant=self.variant)
 
   def backward(self, q, k, v, out, lse, dout, dlse, extras):
-    """dq, dk, dv of the local call from a given out and lse (which may be those
-    of a larger attention this call is a part of)."""
+    """dq, dk, dv and the cotangents of the float extras, from a given out and
+    lse (which may be those of a larger attention this call is a part of)."""
     return _run((q, k, v, out, lse, dout, dlse), extras, op="backward",
                 backend=self.backend, softmax_scale=self.softmax_scale,
                 causal=self.causal, variant=self.variant,
-                deterministic=self.deterministic)[:3]
+                deterministic=self.deterministic)
 
 
 def make_plan(query, key, value, *, causal=False, softmax_scale=None,
@@ -251,11 +247,7 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
 
   cap = 0.0
   if softcap is not None:
-    if (isinstance(softcap, (bool, np.bool_, str, bytes)) or np.ndim(softcap)
-        or isinstance(softcap, jax.core.Tracer)):
-      raise TypeError("flash_attention: softcap must be None or a positive "
-                      f"Python number, got {softcap!r}")
-    cap = float(softcap)
+    cap = _python_number("softcap", softcap, "None or a positive Python number")
     if not (math.isfinite(cap) and cap > 0):
       raise ValueError("flash_attention: softcap must be a positive finite "
                        f"number or None, got {softcap!r}")
@@ -324,24 +316,26 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
 
 
 def _check_dropout_rate(rate) -> float:
-  if (isinstance(rate, (bool, np.bool_, str, bytes)) or np.ndim(rate)
-      or isinstance(rate, jax.core.Tracer)):
-    raise TypeError("flash_attention: dropout_rate must be a Python number in "
-                    f"[0, 1), got {rate!r}")
-  rate = float(rate)
+  rate = _python_number("dropout_rate", rate, "a Python number in [0, 1)")
   if not 0 <= rate < 1:
     raise ValueError(f"flash_attention: dropout_rate must be in [0, 1), got {rate}")
   return rate
 
 
+def _python_number(name: str, x, allowed: str) -> float:
+  """x as a float, when it is a concrete number (it selects kernel code)."""
+  if (isinstance(x, (bool, np.bool_, str, bytes)) or np.ndim(x)
+      or isinstance(x, jax.core.Tracer)):
+    raise TypeError(f"flash_attention: {name} must be {allowed}, got {x!r}")
+  return float(x)
+
+
 def _array_arg(name: str, x):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    try:
-      x = jnp.asarray(x)
-    except TypeError as e:
-      raise TypeError(f"flash_attention: {name} must be an array, got "
-                      f"{type(x).__name__}") from e
-  return jnp.asarray(x)
+  try:
+    return jnp.asarray(x)
+  except TypeError as e:
+    raise TypeError(f"flash_attention: {name} must be an array, got "
+                    f"{type(x).__name__}") from e
 
 
 def _choose_backend(implementation, dtype, head_dim: int, *, empty: bool,
@@ -412,29 +406,19 @@ def _run(arrays, extras, *, op: str, backend: str, softmax_scale: float,
   return (kernels if backend == "cuda" else portable)(*arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, extras, softmax_scale, causal, deterministic, backend,
-               variant):
-  del deterministic  # a property of the backward
-  return _run((q, k, v), extras, op="forward", backend=backend,
-              softmax_scale=softmax_scale, causal=causal, variant=variant)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, extras, plan):
+  return plan.forward(q, k, v, extras)
 
 
-def _attention_fwd(q, k, v, extras, softmax_scale, causal, deterministic,
-                   backend, variant):
-  del deterministic
-  out, lse = _run((q, k, v), extras, op="forward", backend=backend,
-                  softmax_scale=softmax_scale, causal=causal, variant=variant)
+def _attention_fwd(q, k, v, extras, plan):
+  out, lse = plan.forward(q, k, v, extras)
   return (out, lse), (q, k, v, out, lse, extras)
 
 
-def _attention_bwd(softmax_scale, causal, deterministic, backend, variant,
-                   residuals, cotangents):
+def _attention_bwd(plan, residuals, cotangents):
   *arrays, extras = residuals
-  dq, dk, dv, d_float_extras = _run(
-      (*arrays, *cotangents), extras, op="backward", backend=backend,
-      softmax_scale=softmax_scale, causal=causal, variant=variant,
-      deterministic=deterministic)
+  dq, dk, dv, d_float_extras = plan.backward(*arrays, *cotangents, extras)
   # Segment ids and masks are integer and boolean: their cotangents are float0.
   d_extras = {name: d_float_extras.get(name, _float0_like(x))
               for name, x in extras.items()}

@@ -131,13 +131,37 @@ def _merge(acc, part):
   return out_a * weight(lse_a) + out_b.astype(_F32) * weight(lse_b), lse
 
 
-def _ring_steps(n: int, axis_name: str):
-  """(step -> the device whose K/V this device attends at that step, shift(x):
-  x passed one device on around the ring)."""
+def _shift(x, axis_name: str, n: int):
+  """x passed one device on around the ring."""
+  return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _visits(k, v, axis_name: str, n: int, mode: str):
+  """(device whose K/V slice it is, that slice) for each of the n steps: in
+  "ring" mode the slices come around the ring, each next one sent before this
+  one is used, so the transfer overlaps the attention; in "allgather" mode
+  they are read from the gathered whole."""
   me = lax.axis_index(axis_name)
-  owner = lambda step: (me - step) % n
-  shift = lambda x: lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
-  return owner, shift
+  gathered = (tuple(lax.all_gather(x, axis_name, axis=0) for x in (k, v))
+              if mode == "allgather" else None)
+  kv = (k, v)
+  for step in range(n):
+    src = (me - step) % n
+    if gathered is not None:
+      yield src, tuple(lax.dynamic_index_in_dim(x, src, keepdims=False) for x in gathered)
+      continue
+    in_hand = kv
+    if step < n - 1:
+      kv = _shift(kv, axis_name, n)
+    yield src, in_hand
+
+
+def _no_keys(q, k, v, out_dtype=_F32):
+  """(out, lse) of queries that see no key: 0 and -inf, varying over the mesh
+  axes as the inputs do."""
+  zero = xla.zero_of(q, k, v)
+  return ((jnp.zeros(q.shape[:3] + v.shape[3:], _F32) + zero).astype(out_dtype),
+          jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, _F32) + zero)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
@@ -154,44 +178,23 @@ def _pairs(q_ids, kv_ids, causal: bool):
 
 def _attend_pair(relation, q, k, v, full, diagonal):
   """(out, lse) of q over the keys k, v under `relation`."""
-  def hidden(q, k, v):
-    zero = xla.zero_of(q, k, v)  # varies over the mesh axes as the inputs do
-    return ((jnp.zeros(q.shape[:3] + v.shape[3:], _F32) + zero).astype(q.dtype),
-            jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, _F32) + zero)
-  branches = [hidden, lambda q, k, v: diagonal.forward(q, k, v, {}) if diagonal else
-              hidden(q, k, v), lambda q, k, v: full.forward(q, k, v, {})]
+  no_keys = lambda q, k, v: _no_keys(q, k, v, q.dtype)
+  branches = [no_keys, lambda q, k, v: diagonal.forward(q, k, v, {}) if diagonal else
+              no_keys(q, k, v), lambda q, k, v: full.forward(q, k, v, {})]
   if isinstance(relation, int):
     return branches[relation](q, k, v)
   return lax.switch(relation, branches, q, k, v)
 
 
-def _gathered(k, v, axis_name, mode):
-  if mode != "allgather":
-    return None
-  return tuple(lax.all_gather(x, axis_name, axis=0) for x in (k, v))
-
-
 def _ring_fwd(q, k, v, axis_name, n, parts, mode, causal, full, diagonal):
-  me = lax.axis_index(axis_name)
-  owner, shift = _ring_steps(n, axis_name)
-  gathered = _gathered(k, v, axis_name, mode)
   q_parts = _split(q, parts, 1)
-  q_ids = _chunk_ids(me, n, parts)
-  acc = [(jnp.zeros(p.shape[:3] + v.shape[3:], _F32),
-          jnp.full((p.shape[0], p.shape[2], p.shape[1]), -jnp.inf, _F32)) for p in q_parts]
-  kv = (k, v)
-  for step in range(n):
-    src = owner(step)
-    if gathered is not None:
-      kv = tuple(lax.dynamic_index_in_dim(x, src, keepdims=False) for x in gathered)
-    elif step < n - 1:
-      next_kv = shift(kv)  # issued before the attention below, to overlap it
-    k_parts, v_parts = _split(kv[0], parts, 1), _split(kv[1], parts, 1)
+  q_ids = _chunk_ids(lax.axis_index(axis_name), n, parts)
+  acc = [_no_keys(p, k, v) for p in q_parts]
+  for src, (k_in_hand, v_in_hand) in _visits(k, v, axis_name, n, mode):
+    k_parts, v_parts = _split(k_in_hand, parts, 1), _split(v_in_hand, parts, 1)
     for a, b, rel in _pairs(q_ids, _chunk_ids(src, n, parts), causal):
       acc[a] = _merge(acc[a], _attend_pair(rel, q_parts[a], k_parts[b], v_parts[b],
                                            full, diagonal))
-    if gathered is None and step < n - 1:
-      kv = next_kv
   out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype)
   lse = jnp.concatenate([l for _, l in acc], axis=2)
   return (out, lse), (q, k, v, out, lse)
@@ -200,18 +203,14 @@ def _ring_fwd(q, k, v, axis_name, n, parts, mode, causal, full, diagonal):
 def _ring_bwd(axis_name, n, parts, mode, causal, full, diagonal, residuals, cotangents):
   q, k, v, out, lse = residuals
   dout, dlse = cotangents
-  me = lax.axis_index(axis_name)
-  owner, shift = _ring_steps(n, axis_name)
-  gathered = _gathered(k, v, axis_name, mode)
   split_q = lambda x, axis=1: _split(x, parts, axis)
   q_parts, out_parts, dout_parts = split_q(q), split_q(out), split_q(dout)
   lse_parts, dlse_parts = split_q(lse, 2), split_q(dlse, 2)
-  q_ids = _chunk_ids(me, n, parts)
+  q_ids = _chunk_ids(lax.axis_index(axis_name), n, parts)
   dq = [jnp.zeros(p.shape, _F32) for p in q_parts]
-  if gathered is not None:
-    dkv = [jnp.zeros(x.shape, _F32) for x in gathered]
-  kv = (k, v)
-  dkv_in_hand = [jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)]
+  # dK/dV of the slice in hand (ring), or of every slice (allgather).
+  dkv = ([jnp.zeros((n,) + k.shape, _F32), jnp.zeros((n,) + v.shape, _F32)]
+         if mode == "allgather" else [jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)])
 
   def pair_grads(rel, a, kp, vp):
     args = (q_parts[a], kp, vp, out_parts[a], lse_parts[a], dout_parts[a], dlse_parts[a])
@@ -219,19 +218,14 @@ def _ring_bwd(axis_name, n, parts, mode, causal, full, diagonal, residuals, cota
       zero = xla.zero_of(*args)
       return tuple(jnp.zeros(x.shape, _F32) + zero for x in args[:3])
     as_f32 = lambda plan: (lambda *args: tuple(g.astype(_F32) for g in plan.backward(
-        *args, {})))
+        *args, {})[:3]))
     branches = [zeros, as_f32(diagonal) if diagonal else zeros, as_f32(full)]
     if isinstance(rel, int):
       return branches[rel](*args)
     return lax.switch(rel, branches, *args)
 
-  for step in range(n):
-    src = owner(step)
-    if gathered is not None:
-      kv = tuple(lax.dynamic_index_in_dim(x, src, keepdims=False) for x in gathered)
-    elif step < n - 1:
-      next_kv = shift(kv)
-    k_parts, v_parts = _split(kv[0], parts, 1), _split(kv[1], parts, 1)
+  for src, (k_in_hand, v_in_hand) in _visits(k, v, axis_name, n, mode):
+    k_parts, v_parts = _split(k_in_hand, parts, 1), _split(v_in_hand, parts, 1)
     dk_parts = [jnp.zeros(p.shape, _F32) for p in k_parts]
     dv_parts = [jnp.zeros(p.shape, _F32) for p in v_parts]
     for a, b, rel in _pairs(q_ids, _chunk_ids(src, n, parts), causal):
@@ -239,23 +233,19 @@ def _ring_bwd(axis_name, n, parts, mode, causal, full, diagonal, residuals, cota
       dq[a] = dq[a] + g_q
       dk_parts[b] = dk_parts[b] + g_k
       dv_parts[b] = dv_parts[b] + g_v
-    step_dk = jnp.concatenate(dk_parts, axis=1)
-    step_dv = jnp.concatenate(dv_parts, axis=1)
-    if gathered is not None:
+    step = [jnp.concatenate(dk_parts, axis=1), jnp.concatenate(dv_parts, axis=1)]
+    if mode == "allgather":
       dkv = [lax.dynamic_update_index_in_dim(
           acc, lax.dynamic_index_in_dim(acc, src, keepdims=False) + g, src, 0)
-             for acc, g in zip(dkv, (step_dk, step_dv))]
+             for acc, g in zip(dkv, step)]
     else:
       # The accumulators travel with the K/V slice they belong to; after the
       # last step one more pass brings each home.
-      dkv_in_hand = shift([dkv_in_hand[0] + step_dk, dkv_in_hand[1] + step_dv])
-      if step < n - 1:
-        kv = next_kv
-  if gathered is not None:
-    dkv_in_hand = [lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=False)
-                   for x in dkv]
+      dkv = _shift([acc + g for acc, g in zip(dkv, step)], axis_name, n)
+  if mode == "allgather":
+    dkv = [lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=False) for x in dkv]
   dq = jnp.concatenate(dq, axis=1)
-  return dq.astype(q.dtype), dkv_in_hand[0].astype(k.dtype), dkv_in_hand[1].astype(v.dtype)
+  return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

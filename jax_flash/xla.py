@@ -14,9 +14,10 @@ key/value head once instead of repeating it.
 
 Variants (`variants.Variant`) change each tile's scores (soft cap, ALiBi, bias),
 which pairs are visible (window, segments, mask) and which probabilities weigh
-the values (dropout, regenerated per tile in the backward pass). A window narrows the loops
-to the key blocks it reaches, so its cost is linear in the sequence length; with
-segment ids, a tile whose query and key segments cannot meet is skipped.
+the values (dropout, regenerated per tile in the backward pass). A window
+narrows the loops to the key blocks it reaches, so its cost is linear in the
+sequence length; with segment ids, a tile whose query and key segments cannot
+meet is skipped.
 """
 
 from __future__ import annotations
@@ -106,10 +107,15 @@ class _Tiling:
       end = jnp.clip(last_query // self.block_q + 1, 0, self.num_q)
     return start, end
 
+  def positions(self, i, j):
+    """Query positions [block_q, 1] of block i and key positions [1, block_k]
+    of block j."""
+    return (i * self.block_q + jnp.arange(self.block_q)[:, None],
+            j * self.block_k + jnp.arange(self.block_k)[None, :])
+
   def offsets(self, i, j):
     """[block_q, block_k] key position minus the query's diagonal position."""
-    query_pos = i * self.block_q + jnp.arange(self.block_q)[:, None]
-    key_pos = j * self.block_k + jnp.arange(self.block_k)[None, :]
+    query_pos, key_pos = self.positions(i, j)
     return key_pos - query_pos - self.diagonal
 
   def scores(self, q, k, i, j, extras):
@@ -126,14 +132,13 @@ class _Tiling:
       capped = jnp.tanh(s / self.variant.softcap)
       s = self.variant.softcap * capped
       cap_slope = 1 - capped * capped
-    offset = self.offsets(i, j)
+    query_pos, key_pos = self.positions(i, j)
+    offset = key_pos - query_pos - self.diagonal
     if self.variant.alibi:
       s = s - extras.slopes * jnp.abs(offset).astype(_F32)
     if self.variant.bias:
       s = s + extras.bias.tile(i, j)
     visible = []
-    query_pos = i * self.block_q + jnp.arange(self.block_q)[:, None]
-    key_pos = j * self.block_k + jnp.arange(self.block_k)[None, :]
     if self.num_q * self.block_q != self.seq_q:
       visible.append(query_pos < self.seq_q)
     if self.num_k * self.block_k != self.seq_k:
@@ -229,9 +234,7 @@ class _Extras:
     """[b, hk, g, bq, bk]: 1 / (1 - rate) where query block i's probability for
     key block j is kept, 0 where it is dropped (see `dropout`)."""
     rate = self.t.variant.dropout_rate
-    rows = i * self.t.block_q + jnp.arange(self.t.block_q)[:, None]
-    cols = j * self.t.block_k + jnp.arange(self.t.block_k)[None, :]
-    kept = dropout.keep(self.dropout_seed, rate, self.bh, rows, cols)
+    kept = dropout.keep(self.dropout_seed, rate, self.bh, *self.t.positions(i, j))
     return jnp.where(kept, _F32(1 / (1 - rate)), _F32(0))
 
   def tiles_meet(self, i, j):
