@@ -111,6 +111,14 @@ class Plan:
                 softmax_scale=self.softmax_scale, causal=self.causal,
                 variant=self.variant)
 
+  def in_frame(self, frame) -> "Plan":
+    """This plan for a shard of a larger attention (`variants.Frame`); its
+    extras then need "origin". Only the portable path reads frames."""
+    if self.backend != "xla":
+      raise AssertionError(f"a frame on the {self.backend!r} backend")
+    return dataclasses.replace(
+        self, variant=dataclasses.replace(self.variant, frame=frame))
+
   def backward(self, q, k, v, out, lse, dout, dlse, extras):
     """dq, dk, dv and the cotangents of the float extras, from a given out and
     lse (which may be those of a larger attention this call is a part of)."""
@@ -419,10 +427,13 @@ def _attention_fwd(q, k, v, extras, plan):
 def _attention_bwd(plan, residuals, cotangents):
   *arrays, extras = residuals
   dq, dk, dv, d_float_extras = plan.backward(*arrays, *cotangents, extras)
-  # Segment ids and masks are integer and boolean: their cotangents are float0.
-  d_extras = {name: d_float_extras.get(name, _float0_like(x))
-              for name, x in extras.items()}
-  return dq, dk, dv, d_extras
+  return dq, dk, dv, extras_cotangents(extras, d_float_extras)
+
+
+def extras_cotangents(extras, d_float_extras):
+  """The cotangents of every extra: those computed, float0 for the integer
+  and boolean ones (segment ids, masks, the dropout key)."""
+  return {name: d_float_extras.get(name, _float0_like(x)) for name, x in extras.items()}
 
 
 def _float0_like(x):

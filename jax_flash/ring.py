@@ -13,10 +13,17 @@ the last one all of it. The zig-zag layout gives device i the sequence chunks i
 and 2n - 1 - i of 2n, so every device does the same work: permute the global
 arrays with `zigzag_permute` before sharding and the output back with
 `zigzag_unpermute`.
+
+The variants go around the ring too: a soft cap as it is, the key segment ids
+with their K/V slice, and windows, ALiBi and dropout from the global positions
+of each pair of slices (a pair that a window or the causal mask hides entirely
+is skipped). A dense mask or bias would have to be split along both sequences
+and is not taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,6 +33,7 @@ from jax import lax
 
 from jax_flash import attention
 from jax_flash import xla
+from jax_flash.variants import UNBOUNDED, Frame
 
 _F32 = jnp.float32
 LAYOUTS = ("contiguous", "zigzag")
@@ -55,7 +63,9 @@ def _zigzag_order(length: int, num_shards: int) -> np.ndarray:
 def ring_attention(query, key, value, *, axis_name: str, causal: bool = False,
                    softmax_scale: float | None = None, return_lse: bool = False,
                    layout: str = "contiguous", mode: str = "ring",
-                   implementation: str | None = None):
+                   implementation: str | None = None, window_size=None,
+                   softcap: float | None = None, alibi_slopes=None,
+                   segment_ids=None, dropout_rate: float = 0.0, dropout_rng=None):
   """Attention of a sequence sharded along the mesh axis `axis_name`, for use
   inside `shard_map`.
 
@@ -70,7 +80,13 @@ def ring_attention(query, key, value, *, axis_name: str, causal: bool = False,
     layout: "contiguous" or "zigzag" (balances causal work across devices).
     mode: "ring" (K/V pass around the ring, overlapping the attention) or
       "allgather" (K/V gathered at once, dK/dV reduce-scattered).
-    softmax_scale, return_lse, implementation: as for `flash_attention`.
+    segment_ids: (q_segment_ids [batch, seq_q / n], kv_segment_ids [batch,
+      seq_k / n]), this device's slices, laid out like query and key.
+    softmax_scale, return_lse, implementation, window_size, softcap,
+    alibi_slopes, dropout_rate, dropout_rng: as for `flash_attention`, with
+      positions counted over the whole sequence. Dropout draws its mask from
+      this device's batch rows and heads as numbered here: devices that hold
+      other rows or heads of one batch should fold their index into the key.
 
   Returns:
     this device's out [batch, seq_q / n, num_heads, head_dim] (and lse [batch,
@@ -86,35 +102,106 @@ def ring_attention(query, key, value, *, axis_name: str, causal: bool = False,
   except NameError as e:
     raise ValueError(f"ring_attention: no mesh axis {axis_name!r} here; call it "
                      "inside shard_map over a mesh with that axis") from e
-  parts = 2 if layout == "zigzag" else 1
-  if causal and query.shape[1] != key.shape[1]:
-    raise ValueError("ring_attention: causal needs as many queries as keys per device, "
-                     f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
-  for name, x in (("query", query), ("key", key)):
-    if x.shape[1] % parts:
-      raise ValueError(f"ring_attention: layout 'zigzag' needs an even {name} slice "
-                       f"length, got {tuple(x.shape)}")
-  plans = {}
-  for c in (False, True) if causal else (False,):
-    (query, key, value), _, plans[c] = attention.make_plan(
-        query, key, value, causal=c, softmax_scale=softmax_scale,
-        implementation=implementation)
-  out, lse = _ring(query, key, value, axis_name, n, parts, mode, bool(causal),
-                   plans[False], plans.get(True))
+  (query, key, value), extras, plan = attention.make_plan(
+      query, key, value, causal=causal, softmax_scale=softmax_scale,
+      implementation=implementation, window_size=window_size, softcap=softcap,
+      alibi_slopes=alibi_slopes, segment_ids=segment_ids,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+  ring = Ring.make(plan, query, key, axis_name=axis_name, size=n, layout=layout,
+                   mode=mode, num_heads=query.shape[2])
+  out, lse = _ring(query, key, value, extras, ring)
   return (out, lse) if return_lse else out
 
 
-def _chunk_ids(device, n: int, parts: int):
-  """Global chunk numbers (of n * parts) of the slices a device holds."""
-  return [device] if parts == 1 else [device, 2 * n - 1 - device]
+@dataclasses.dataclass(frozen=True)
+class Ring:
+  """How a ring runs, decided at trace time: the mesh axis, the layout of the
+  slices, and the plans of the pairs of slices (`plan` for the whole pair;
+  `diagonal` for a query slice against its own keys under a causal mask;
+  without a positional variant both can run on the kernels)."""
+  axis_name: str
+  size: int
+  parts: int
+  mode: str
+  causal: bool
+  # Queries and keys per chunk, and seq_k - seq_q over the whole sequence.
+  chunk_q: int
+  chunk_k: int
+  diagonal_offset: int
+  plan: attention.Plan
+  diagonal: attention.Plan | None
 
+  @classmethod
+  def make(cls, plan, query, key, *, axis_name, size, layout, mode, num_heads):
+    """`num_heads`: the query heads of the whole attention (dropout numbers
+    them), when this call holds some of them."""
+    parts = 2 if layout == "zigzag" else 1
+    for name, x in (("query", query), ("key", key)):
+      if x.shape[1] % parts:
+        raise ValueError(f"ring_attention: layout 'zigzag' needs an even {name} "
+                         f"slice length, got {tuple(x.shape)}")
+    if plan.causal and query.shape[1] != key.shape[1]:
+      raise ValueError("ring_attention: causal needs as many queries as keys per "
+                       f"device, got query {tuple(query.shape)} and key "
+                       f"{tuple(key.shape)}")
+    diagonal_offset = size * (key.shape[1] - query.shape[1])
+    variant = plan.variant
+    if variant.mask or variant.bias:
+      raise ValueError("ring_attention: a dense mask or bias cannot follow a "
+                       "sequence split across devices; use segment_ids or "
+                       "window_size")
+    diagonal = None
+    if variant.positional:
+      # Each pair reads its positions in the whole attention.
+      frame = Frame(num_heads=num_heads, diagonal=diagonal_offset)
+      plan = plan.in_frame(frame)
+    elif plan.causal:
+      # Whole pairs are visible or hidden except a slice against itself.
+      diagonal = plan
+      plan = dataclasses.replace(plan, causal=False)
+    return cls(axis_name, size, parts, mode, plan.causal, query.shape[1] // parts,
+               key.shape[1] // parts, diagonal_offset, plan, diagonal)
 
-def _relation(causal: bool, q_chunk, k_chunk):
-  """0: the keys are hidden from the queries, 1: the diagonal chunk (causal
-  within it), 2: every key visible."""
-  if not causal:
-    return 2
-  return jnp.where(k_chunk < q_chunk, 2, jnp.where(k_chunk == q_chunk, 1, 0))
+  def chunk_ids(self, device):
+    """Global chunk numbers (of size * parts) of the slices a device holds."""
+    return [device] if self.parts == 1 else [device, 2 * self.size - 1 - device]
+
+  def relation(self, q_chunk, k_chunk):
+    """0: every key of the pair hidden from every query, 1: some visible (the
+    pair runs masked), 2: every key visible. Python ints where the variant
+    decides alone, else traced."""
+    window = self.plan.variant.window
+    left = window[0]
+    right = 0 if self.causal or self.diagonal is not None else window[1]
+    if left == UNBOUNDED and right == UNBOUNDED:
+      return 2
+    # Key position minus the query's diagonal position, over the pair.
+    first_query, first_key = q_chunk * self.chunk_q, k_chunk * self.chunk_k
+    lowest = first_key - (first_query + self.chunk_q - 1) - self.diagonal_offset
+    highest = first_key + self.chunk_k - 1 - first_query - self.diagonal_offset
+    some, every = True, True
+    if left != UNBOUNDED:
+      some, every = some & (highest >= -left), every & (lowest >= -left)
+    if right != UNBOUNDED:
+      some, every = some & (lowest <= right), every & (highest <= right)
+    if self.diagonal is None:  # one plan serves every visible pair
+      return jnp.where(some, 2, 0)
+    return jnp.where(some, jnp.where(every, 2, 1), 0)
+
+  def pair_plan(self, relation: int) -> attention.Plan:
+    return self.diagonal if relation == 1 and self.diagonal is not None else self.plan
+
+  def pair_extras(self, extras, q_part, kv_extras, q_chunk, k_chunk):
+    """The variant's arrays of one pair of slices."""
+    pair = {name: x for name, x in extras.items() if name != "q_segment_ids"}
+    if "q_segment_ids" in extras:
+      pair["q_segment_ids"] = _split(extras["q_segment_ids"], self.parts, 1)[q_part]
+    pair.update(kv_extras)
+    if self.plan.variant.frame:
+      origin = extras.get("origin", jnp.zeros(4, jnp.int32))
+      pair["origin"] = origin + jnp.stack([
+          0, 0, q_chunk * self.chunk_q, k_chunk * self.chunk_k]).astype(jnp.int32)
+    return pair
 
 
 def _split(x, parts: int, axis: int):
@@ -136,24 +223,45 @@ def _shift(x, axis_name: str, n: int):
   return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
 
 
-def _visits(k, v, axis_name: str, n: int, mode: str):
-  """(device whose K/V slice it is, that slice) for each of the n steps: in
-  "ring" mode the slices come around the ring, each next one sent before this
-  one is used, so the transfer overlaps the attention; in "allgather" mode
-  they are read from the gathered whole."""
+def _visits(key_side, ring: Ring):
+  """(device whose key-side slices they are, those slices) for each of the n
+  steps: in "ring" mode the slices come around the ring, each next one sent
+  before this one is used, so the transfer overlaps the attention; in
+  "allgather" mode they are read from the gathered whole. `key_side`: a dict
+  of arrays split along the keys (K, V, key segment ids)."""
+  n, axis_name = ring.size, ring.axis_name
   me = lax.axis_index(axis_name)
-  gathered = (tuple(lax.all_gather(x, axis_name, axis=0) for x in (k, v))
-              if mode == "allgather" else None)
-  kv = (k, v)
+  gathered = ({name: lax.all_gather(x, axis_name, axis=0) for name, x in key_side.items()}
+              if ring.mode == "allgather" else None)
+  in_hand = key_side
   for step in range(n):
     src = (me - step) % n
     if gathered is not None:
-      yield src, tuple(lax.dynamic_index_in_dim(x, src, keepdims=False) for x in gathered)
+      yield src, {name: lax.dynamic_index_in_dim(x, src, keepdims=False)
+                  for name, x in gathered.items()}
       continue
-    in_hand = kv
+    current = in_hand
     if step < n - 1:
-      kv = _shift(kv, axis_name, n)
-    yield src, in_hand
+      in_hand = _shift(in_hand, axis_name, n)
+    yield src, current
+
+
+def _key_side(k, v, extras):
+  key_side = dict(k=k, v=v)
+  if "kv_segment_ids" in extras:
+    key_side["kv_segment_ids"] = extras["kv_segment_ids"]
+  return key_side
+
+
+def _pairs(ring: Ring, me, src, key_side):
+  """(query part, key part, relation, key part's K, V and key-side extras) of
+  every pair of slices a step brings together."""
+  parts = {name: _split(x, ring.parts, 1) for name, x in key_side.items()}
+  for a, q_chunk in enumerate(ring.chunk_ids(me)):
+    for b, k_chunk in enumerate(ring.chunk_ids(src)):
+      kv_extras = {name: p[b] for name, p in parts.items() if name not in ("k", "v")}
+      yield (a, b, q_chunk, k_chunk, ring.relation(q_chunk, k_chunk),
+             parts["k"][b], parts["v"][b], kv_extras)
 
 
 def _no_keys(q, k, v, out_dtype=_F32):
@@ -164,88 +272,113 @@ def _no_keys(q, k, v, out_dtype=_F32):
           jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, _F32) + zero)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
-def _ring(q, k, v, axis_name, n, parts, mode, causal, full, diagonal):
-  return _ring_fwd(q, k, v, axis_name, n, parts, mode, causal, full, diagonal)[0]
-
-
-def _pairs(q_ids, kv_ids, causal: bool):
-  """(query part, key part, relation) of every pair of slices."""
-  for a, q_id in enumerate(q_ids):
-    for b, kv_id in enumerate(kv_ids):
-      yield a, b, _relation(causal, q_id, kv_id)
-
-
-def _attend_pair(relation, q, k, v, full, diagonal):
-  """(out, lse) of q over the keys k, v under `relation`."""
-  no_keys = lambda q, k, v: _no_keys(q, k, v, q.dtype)
-  branches = [no_keys, lambda q, k, v: diagonal.forward(q, k, v, {}) if diagonal else
-              no_keys(q, k, v), lambda q, k, v: full.forward(q, k, v, {})]
+def _by_relation(relation, branches, *args):
+  """branches[relation](*args), chosen at trace time where relation is known."""
   if isinstance(relation, int):
-    return branches[relation](q, k, v)
-  return lax.switch(relation, branches, q, k, v)
+    return branches[relation](*args)
+  return lax.switch(relation, branches, *args)
 
 
-def _ring_fwd(q, k, v, axis_name, n, parts, mode, causal, full, diagonal):
-  q_parts = _split(q, parts, 1)
-  q_ids = _chunk_ids(lax.axis_index(axis_name), n, parts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, extras, ring):
+  return ring_forward(q, k, v, extras, ring)
+
+
+def ring_forward(q, k, v, extras, ring: Ring):
+  """(out, lse) of this device's queries over the whole sequence."""
+  q_parts = _split(q, ring.parts, 1)
+  me = lax.axis_index(ring.axis_name)
   acc = [_no_keys(p, k, v) for p in q_parts]
-  for src, (k_in_hand, v_in_hand) in _visits(k, v, axis_name, n, mode):
-    k_parts, v_parts = _split(k_in_hand, parts, 1), _split(v_in_hand, parts, 1)
-    for a, b, rel in _pairs(q_ids, _chunk_ids(src, n, parts), causal):
-      acc[a] = _merge(acc[a], _attend_pair(rel, q_parts[a], k_parts[b], v_parts[b],
-                                           full, diagonal))
+  for src, key_side in _visits(_key_side(k, v, extras), ring):
+    for a, _, q_chunk, k_chunk, rel, kp, vp, kv_extras in _pairs(ring, me, src, key_side):
+      pair = ring.pair_extras(extras, a, kv_extras, q_chunk, k_chunk)
+      attend = lambda plan: lambda q, k, v, pair: plan.forward(q, k, v, pair)
+      branches = [lambda q, k, v, pair: _no_keys(q, k, v, q.dtype),
+                  attend(ring.pair_plan(1)), attend(ring.pair_plan(2))]
+      acc[a] = _merge(acc[a], _by_relation(rel, branches, q_parts[a], kp, vp, pair))
   out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype)
   lse = jnp.concatenate([l for _, l in acc], axis=2)
-  return (out, lse), (q, k, v, out, lse)
+  return out, lse
 
 
-def _ring_bwd(axis_name, n, parts, mode, causal, full, diagonal, residuals, cotangents):
-  q, k, v, out, lse = residuals
-  dout, dlse = cotangents
-  split_q = lambda x, axis=1: _split(x, parts, axis)
+def _ring_fwd(q, k, v, extras, ring):
+  out, lse = ring_forward(q, k, v, extras, ring)
+  return (out, lse), (q, k, v, out, lse, extras)
+
+
+def ring_backward(q, k, v, out, lse, dout, dlse, extras, ring: Ring):
+  """dq, dk, dv of this device's slices and the cotangents of the float
+  extras (ALiBi slopes), summed over the ring."""
+  split_q = lambda x, axis=1: _split(x, ring.parts, axis)
   q_parts, out_parts, dout_parts = split_q(q), split_q(out), split_q(dout)
   lse_parts, dlse_parts = split_q(lse, 2), split_q(dlse, 2)
-  q_ids = _chunk_ids(lax.axis_index(axis_name), n, parts)
-  dq = [jnp.zeros(p.shape, _F32) for p in q_parts]
+  me = lax.axis_index(ring.axis_name)
+  zero = xla.zero_of(q, k, v, out, lse, dout, dlse)
+  dq = [jnp.zeros(p.shape, _F32) + zero for p in q_parts]
+  float_extras = {name: x for name, x in extras.items() if name == "alibi_slopes"}
+  d_extras = {name: jnp.zeros(x.shape, _F32) + zero for name, x in float_extras.items()}
+  allgather = ring.mode == "allgather"
   # dK/dV of the slice in hand (ring), or of every slice (allgather).
-  dkv = ([jnp.zeros((n,) + k.shape, _F32), jnp.zeros((n,) + v.shape, _F32)]
-         if mode == "allgather" else [jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)])
+  dkv = [jnp.zeros(((ring.size,) if allgather else ()) + x.shape, _F32) + zero
+         for x in (k, v)]
 
-  def pair_grads(rel, a, kp, vp):
-    args = (q_parts[a], kp, vp, out_parts[a], lse_parts[a], dout_parts[a], dlse_parts[a])
-    def zeros(*args):
-      zero = xla.zero_of(*args)
-      return tuple(jnp.zeros(x.shape, _F32) + zero for x in args[:3])
-    as_f32 = lambda plan: (lambda *args: tuple(g.astype(_F32) for g in plan.backward(
-        *args, {})[:3]))
-    branches = [zeros, as_f32(diagonal) if diagonal else zeros, as_f32(full)]
-    if isinstance(rel, int):
-      return branches[rel](*args)
-    return lax.switch(rel, branches, *args)
+  def pair_grads(plan):
+    def grads(q, k, v, out, lse, dout, dlse, pair):
+      dq, dk, dv, d_pair = plan.backward(q, k, v, out, lse, dout, dlse, pair)
+      return (tuple(g.astype(_F32) for g in (dq, dk, dv)),
+              {name: d_pair[name].astype(_F32) for name in float_extras})
+    return grads
 
-  for src, (k_in_hand, v_in_hand) in _visits(k, v, axis_name, n, mode):
-    k_parts, v_parts = _split(k_in_hand, parts, 1), _split(v_in_hand, parts, 1)
-    dk_parts = [jnp.zeros(p.shape, _F32) for p in k_parts]
-    dv_parts = [jnp.zeros(p.shape, _F32) for p in v_parts]
-    for a, b, rel in _pairs(q_ids, _chunk_ids(src, n, parts), causal):
-      g_q, g_k, g_v = pair_grads(rel, a, k_parts[b], v_parts[b])
+  def hidden(q, k, v, *args):
+    zero = xla.zero_of(q, k, v)
+    return (tuple(jnp.zeros(x.shape, _F32) + zero for x in (q, k, v)),
+            {name: jnp.zeros(x.shape, _F32) + zero for name, x in float_extras.items()})
+
+  branches = [hidden, pair_grads(ring.pair_plan(1)), pair_grads(ring.pair_plan(2))]
+  for src, key_side in _visits(_key_side(k, v, extras), ring):
+    k_parts = _split(key_side["k"], ring.parts, 1)
+    dk_parts = [jnp.zeros(p.shape, _F32) + zero for p in k_parts]
+    dv_parts = [jnp.zeros(p.shape[:-1] + v.shape[-1:], _F32) + zero for p in k_parts]
+    for a, b, q_chunk, k_chunk, rel, kp, vp, kv_extras in _pairs(ring, me, src, key_side):
+      pair = ring.pair_extras(extras, a, kv_extras, q_chunk, k_chunk)
+      (g_q, g_k, g_v), g_extras = _by_relation(
+          rel, branches, q_parts[a], kp, vp, out_parts[a], lse_parts[a],
+          dout_parts[a], dlse_parts[a], pair)
       dq[a] = dq[a] + g_q
       dk_parts[b] = dk_parts[b] + g_k
       dv_parts[b] = dv_parts[b] + g_v
+      d_extras = {name: d_extras[name] + g for name, g in g_extras.items()}
     step = [jnp.concatenate(dk_parts, axis=1), jnp.concatenate(dv_parts, axis=1)]
-    if mode == "allgather":
+    if allgather:
       dkv = [lax.dynamic_update_index_in_dim(
           acc, lax.dynamic_index_in_dim(acc, src, keepdims=False) + g, src, 0)
              for acc, g in zip(dkv, step)]
     else:
       # The accumulators travel with the K/V slice they belong to; after the
       # last step one more pass brings each home.
-      dkv = _shift([acc + g for acc, g in zip(dkv, step)], axis_name, n)
-  if mode == "allgather":
-    dkv = [lax.psum_scatter(x, axis_name, scatter_dimension=0, tiled=False) for x in dkv]
+      dkv = _shift([acc + g for acc, g in zip(dkv, step)], ring.axis_name, ring.size)
+  if allgather:
+    dkv = [lax.psum_scatter(x, ring.axis_name, scatter_dimension=0, tiled=False)
+           for x in dkv]
+  # Extras shared by the ring's devices get the sum of their cotangents.
+  d_extras = {name: (g if ring.axis_name in _varying_axes(float_extras[name])
+                     else lax.psum(g, ring.axis_name)).astype(float_extras[name].dtype)
+              for name, g in d_extras.items()}
   dq = jnp.concatenate(dq, axis=1)
-  return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
+  return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), d_extras
+
+
+def _varying_axes(x) -> frozenset:
+  """The manual mesh axes x varies over (those it may differ along)."""
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, "manual_axis_type", None)
+  return axis_type.varying if axis_type is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _ring_bwd(ring, residuals, cotangents):
+  q, k, v, out, lse, extras = residuals
+  dq, dk, dv, d_float_extras = ring_backward(q, k, v, out, lse, *cotangents, extras, ring)
+  return dq, dk, dv, attention.extras_cotangents(extras, d_float_extras)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

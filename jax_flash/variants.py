@@ -4,6 +4,10 @@ segments, a dense mask or bias, and dropout.
 `Variant` is the static part (it selects code); the arrays (ALiBi slopes, segment
 ids, mask, bias, the dropout generator's key) travel beside it in a dict keyed
 by `ARRAY_NAMES`.
+
+A call that computes one shard of a larger attention (a device's part under
+sharding, one step of ring attention) carries a `Frame`: the positions that
+windows, ALiBi and dropout read are then those of the larger attention.
 """
 
 from __future__ import annotations
@@ -11,15 +15,26 @@ from __future__ import annotations
 import dataclasses
 
 ARRAY_NAMES = ("alibi_slopes", "q_segment_ids", "kv_segment_ids", "mask", "bias",
-               "dropout_seed")
+               "dropout_seed", "origin")
 UNBOUNDED = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+  """The larger attention a call is a shard of: its number of query heads and
+  its seq_k - seq_q. The call's arrays then include "origin", int32 [4]: the
+  (batch, head, query, key) indices in the larger attention of its first
+  batch row, head, query and key."""
+  num_heads: int
+  diagonal: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """window: (left, right) keys around the query's diagonal, UNBOUNDED for no
   limit; softcap and dropout_rate: 0 for none; the flags say which arrays come
-  with the call."""
+  with the call; frame: None, or the larger attention this call is a shard
+  of."""
   window: tuple[int, int] = (UNBOUNDED, UNBOUNDED)
   softcap: float = 0.0
   alibi: bool = False
@@ -27,6 +42,14 @@ class Variant:
   mask: bool = False
   bias: bool = False
   dropout_rate: float = 0.0
+  frame: Frame | None = None
+
+  @property
+  def positional(self) -> bool:
+    """Whether the scores or the mask depend on where a query and key sit
+    (not only on whether the key comes after the query's diagonal)."""
+    return (self.window != (UNBOUNDED, UNBOUNDED) or self.alibi
+            or bool(self.dropout_rate))
 
   @property
   def features(self) -> tuple[str, ...]:

@@ -63,17 +63,27 @@ class _Tiling:
   causal: bool
   softmax_scale: float
   variant: Variant
+  # Index of the first query and key in the attention this call is a shard
+  # of (`variants.Frame`); int32 scalars, (0, 0) without a frame.
+  origin: tuple = (0, 0)
 
   @classmethod
   def make(cls, seq_q, seq_k, *, block_q, block_k, causal, softmax_scale,
-           variant):
+           variant, extras):
+    origin = (0, 0)
+    if variant.frame:
+      origin = (extras["origin"][2], extras["origin"][3])
     return cls(seq_q, seq_k, *_blocking(seq_q, block_q),
-               *_blocking(seq_k, block_k), causal, softmax_scale, variant)
+               *_blocking(seq_k, block_k), causal, softmax_scale, variant,
+               origin)
 
   @property
-  def diagonal(self) -> int:
-    """Query i's diagonal key is i + diagonal (bottom-right aligned)."""
-    return self.seq_k - self.seq_q
+  def diagonal(self):
+    """Query i's diagonal key is i + diagonal (bottom-right aligned in the
+    whole attention; in a shard, counted from its own first key)."""
+    if not self.variant.frame:
+      return self.seq_k - self.seq_q
+    return self.origin[0] + self.variant.frame.diagonal - self.origin[1]
 
   @property
   def left(self) -> int:
@@ -109,9 +119,14 @@ class _Tiling:
 
   def positions(self, i, j):
     """Query positions [block_q, 1] of block i and key positions [1, block_k]
-    of block j."""
+    of block j, within this call."""
     return (i * self.block_q + jnp.arange(self.block_q)[:, None],
             j * self.block_k + jnp.arange(self.block_k)[None, :])
+
+  def global_positions(self, i, j):
+    """`positions` in the attention this call is a shard of."""
+    query_pos, key_pos = self.positions(i, j)
+    return query_pos + self.origin[0], key_pos + self.origin[1]
 
   def offsets(self, i, j):
     """[block_q, block_k] key position minus the query's diagonal position."""
@@ -225,16 +240,23 @@ class _Extras:
       self.bias = _Dense(extras["bias"].astype(_F32), t, num_kv_heads, 0.0)
     if v.dropout_rate:
       self.dropout_seed = extras["dropout_seed"]
-      # batch * num_heads + head of every [b, hk, g] position.
-      self.bh = (jnp.arange(batch)[:, None, None] * num_heads
-                 + jnp.arange(num_heads).reshape(num_kv_heads, groups))[..., None, None]
+      # batch * num_heads + head of every [b, hk, g] position, counted in the
+      # attention this call is a shard of.
+      batch_ids, head_ids, all_heads = jnp.arange(batch), jnp.arange(num_heads), num_heads
+      if v.frame:
+        batch_ids = batch_ids + extras["origin"][0]
+        head_ids = head_ids + extras["origin"][1]
+        all_heads = v.frame.num_heads
+      self.bh = (batch_ids[:, None, None] * all_heads
+                 + head_ids.reshape(num_kv_heads, groups))[..., None, None]
     self.t = t
 
   def dropout_scale(self, i, j):
     """[b, hk, g, bq, bk]: 1 / (1 - rate) where query block i's probability for
     key block j is kept, 0 where it is dropped (see `dropout`)."""
     rate = self.t.variant.dropout_rate
-    kept = dropout.keep(self.dropout_seed, rate, self.bh, *self.t.positions(i, j))
+    kept = dropout.keep(self.dropout_seed, rate, self.bh,
+                        *self.t.global_positions(i, j))
     return jnp.where(kept, _F32(1 / (1 - rate)), _F32(0))
 
   def tiles_meet(self, i, j):
@@ -307,9 +329,11 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
   """
   batch, seq_q, num_heads, _ = q.shape
   seq_k, num_kv_heads = k.shape[1], k.shape[2]
+  extras = extras or {}
   t = _Tiling.make(seq_q, seq_k, block_q=block_q, block_k=block_k,
-                   causal=causal, softmax_scale=softmax_scale, variant=variant)
-  ex = _Extras(extras or {}, t, batch, num_heads, num_kv_heads)
+                   causal=causal, softmax_scale=softmax_scale, variant=variant,
+                   extras=extras)
+  ex = _Extras(extras, t, batch, num_heads, num_kv_heads)
   q_blocks = _split(_group_heads(q, num_kv_heads), t.num_q, t.block_q)
   k_blocks, v_blocks = (_split(_keys_first(x), t.num_k, t.block_k)
                         for x in (k, v))
@@ -368,9 +392,11 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
   del deterministic
   batch, seq_q, num_heads, _ = q.shape
   seq_k, num_kv_heads = k.shape[1], k.shape[2]
+  extras = extras or {}
   t = _Tiling.make(seq_q, seq_k, block_q=block_q, block_k=block_k,
-                   causal=causal, softmax_scale=softmax_scale, variant=variant)
-  ex = _Extras(extras or {}, t, batch, num_heads, num_kv_heads)
+                   causal=causal, softmax_scale=softmax_scale, variant=variant,
+                   extras=extras)
+  ex = _Extras(extras, t, batch, num_heads, num_kv_heads)
   q_blocks, dout_blocks = (
       _split(_group_heads(x, num_kv_heads), t.num_q, t.block_q)
       for x in (q, dout))

@@ -35,25 +35,44 @@ def sequence_mesh(n: int):
 
 
 def ring_fn(n: int, *, layout="contiguous", **kwargs):
-  """attention(q, k, v, causal, softmax_scale, return_lse) -> (out, lse) over the
-  whole sequence, computed by ring_attention on n devices (the zig-zag layout
-  permuted in and out), like `flash_attention(..., return_lse=True)`."""
+  """attention(q, k, v, causal, softmax_scale, return_lse, ...) -> (out, lse)
+  over the whole sequence, computed by ring_attention on n devices (the zig-zag
+  layout permuted in and out), like `flash_attention(..., return_lse=True)`.
+  Segment ids are split along the sequence with q, k and v; ALiBi slopes are
+  replicated; `dropout_mask` (the reference's argument) is ignored."""
   mesh = sequence_mesh(n)
   zigzag = layout == "zigzag"
   permute = lambda x: jax_flash.zigzag_permute(x, n) if zigzag else x
   unpermute = lambda x, axis=1: jax_flash.zigzag_unpermute(x, n, axis) if zigzag else x
+  by_sequence = P(None, "sp")
   place = lambda x: jax.lax.with_sharding_constraint(
-      permute(x), jax.NamedSharding(mesh, P(None, "sp")))
+      permute(x), jax.NamedSharding(mesh, by_sequence))
 
-  def attention(q, k, v, causal=False, softmax_scale=None, return_lse=True):
-    del return_lse
-    sharded = jax.shard_map(
-        functools.partial(jax_flash.ring_attention, axis_name="sp", layout=layout,
-                          causal=causal, softmax_scale=softmax_scale,
-                          return_lse=True, **kwargs),
-        mesh=mesh, in_specs=(P(None, "sp"),) * 3,
-        out_specs=(P(None, "sp"), P(None, None, "sp")))
-    out, lse = sharded(place(q), place(k), place(v))
+  def attention(q, k, v, causal=False, softmax_scale=None, return_lse=True,
+                segment_ids=None, alibi_slopes=None, dropout_mask=None, **variant):
+    del return_lse, dropout_mask
+    arrays, specs = [q, k, v], [by_sequence] * 3
+    if segment_ids is not None:
+      arrays.append(tuple(place(ids) for ids in segment_ids))
+      specs.append((by_sequence, by_sequence))
+    if alibi_slopes is not None:
+      arrays.append(alibi_slopes)
+      specs.append(P())
+
+    def local(q, k, v, *rest):
+      rest = list(rest)
+      named = dict(variant)
+      if segment_ids is not None:
+        named["segment_ids"] = rest.pop(0)
+      if alibi_slopes is not None:
+        named["alibi_slopes"] = rest.pop(0)
+      return jax_flash.ring_attention(
+          q, k, v, axis_name="sp", layout=layout, causal=causal,
+          softmax_scale=softmax_scale, return_lse=True, **kwargs, **named)
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),
+                            out_specs=(by_sequence, P(None, None, "sp")))
+    out, lse = sharded(*(place(x) for x in arrays[:3]), *arrays[3:])
     return unpermute(out), unpermute(lse, 2)
 
   return attention
@@ -92,6 +111,81 @@ class RingMatchesReferenceTest(parameterized.TestCase):
                                              num_heads=2, num_kv_heads=2, head_dim=8,
                                              dtype=F32)
     util.assert_matches_reference(ring_fn(1), q, k, v, dout, dlse, causal=True)
+
+
+def packed_segments(seed, batch, length, documents):
+  """Sorted ids of `documents` documents of random lengths per batch row."""
+  cuts = jax.random.randint(jax.random.key(seed), (batch, documents - 1), 1, length)
+  return (jnp.arange(length)[None, :, None] >= jnp.sort(cuts)[:, None, :]).sum(
+      -1).astype(jnp.int32)
+
+
+VARIANTS = dict(
+    window_causal=(True, lambda: dict(window_size=(9, 0))),
+    window=(False, lambda: dict(window_size=(20, 5))),
+    softcap_causal=(True, lambda: dict(softcap=1.5)),
+    alibi_causal=(True, lambda: dict(
+        alibi_slopes=jax.random.uniform(jax.random.key(1), (4,), F32, 0.05, 0.5))),
+    segments_causal=(True, lambda: dict(segment_ids=(
+        packed_segments(2, 2, 64, 4), packed_segments(2, 2, 64, 4)))),
+    segments_window=(False, lambda: dict(window_size=(12, 12), segment_ids=(
+        packed_segments(3, 2, 64, 3), packed_segments(3, 2, 64, 3)))),
+    softcap_alibi_window_causal=(True, lambda: dict(
+        softcap=2.0, window_size=(30, None),
+        alibi_slopes=jax.random.uniform(jax.random.key(4), (2, 4), F32, 0.05, 0.5))),
+)
+
+
+class RingVariantsTest(parameterized.TestCase):
+
+  @parameterized.product(variant=tuple(VARIANTS), layout=("contiguous", "zigzag"),
+                         mode=("ring", "allgather"))
+  def test_values_and_gradients_equal_whole_sequence_attention(
+      self, variant, layout, mode):
+    causal, kwargs = VARIANTS[variant]
+    q, k, v, dout, dlse = util.random_inputs(
+        11, batch=2, seq_q=64, seq_k=64, num_heads=4, num_kv_heads=2,
+        head_dim=16, dtype=F32)
+    util.assert_matches_reference(ring_fn(4, layout=layout, mode=mode),
+                                  q, k, v, dout, dlse, causal=causal, **kwargs())
+
+  @parameterized.parameters("contiguous", "zigzag")
+  def test_dropout_matches_reference_with_the_whole_sequence_mask(self, layout):
+    q, k, v, dout, dlse = util.random_inputs(
+        12, batch=2, seq_q=64, seq_k=64, num_heads=4, num_kv_heads=2,
+        head_dim=16, dtype=F32)
+    rng, rate = jax.random.key(5), 0.25
+    mask = jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=64, seq_k=64)
+    util.assert_matches_reference(
+        ring_fn(4, layout=layout, dropout_rng=rng), q, k, v, dout, dlse,
+        causal=True, dropout_rate=rate, dropout_mask=mask, window_size=(20, 0))
+
+  def test_alibi_slope_gradient_is_summed_over_the_ring(self):
+    q, k, v, dout, dlse = util.random_inputs(
+        13, batch=2, seq_q=64, seq_k=64, num_heads=4, num_kv_heads=2,
+        head_dim=16, dtype=F32)
+    slopes = jax.random.uniform(jax.random.key(2), (4,), F32, 0.1, 0.5)
+
+    def loss(attention, slopes):
+      out, lse = attention(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True)
+      return jnp.sum(out * dout) + jnp.sum(lse * dlse)
+
+    got = jax.jit(jax.grad(functools.partial(loss, ring_fn(4, layout="zigzag"))))(slopes)
+    expected = jax.grad(functools.partial(loss, jax_flash.attention_reference))(slopes)
+    self.assertGreater(float(jnp.abs(expected).max()), 1e-3)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+  def test_pairs_outside_the_window_are_skipped(self):
+    q = jnp.zeros((1, 16, 2, 8))
+    variant, _ = jax_flash.attention._check_variant(q, q, causal=True,
+                                                    window_size=(9, 0))
+    plan = jax_flash.attention.Plan(1.0, True, False, "xla", variant)
+    ring = jax_flash.ring.Ring.make(plan, q, q, axis_name="sp", size=4,
+                                    layout="contiguous", mode="ring", num_heads=2)
+    # Chunks of 16: a query sees at most 9 keys back, so only its own chunk
+    # and the one before it.
+    visible = [[int(ring.relation(i, j)) for j in range(4)] for i in range(4)]
+    self.assertEqual(visible, [[2, 0, 0, 0], [2, 2, 0, 0], [0, 2, 2, 0], [0, 0, 2, 2]])
 
 
 class CollectivesTest(absltest.TestCase):
@@ -140,6 +234,12 @@ class RingArgumentsTest(absltest.TestCase):
       jax_flash.zigzag_permute(jnp.zeros((1, 12, 2, 8)), 4)
     with self.assertRaisesRegex(ValueError, "causal needs as many queries as keys"):
       ring_fn(4)(q, jnp.zeros((1, 32, 2, 8)), jnp.zeros((1, 32, 2, 8)), causal=True)
+
+  def test_dense_mask_or_bias_is_rejected(self):
+    q = jnp.zeros((1, 16, 2, 8))
+    for name in ("mask", "bias"):
+      with self.assertRaisesRegex(TypeError, name):
+        jax_flash.ring_attention(q, q, q, axis_name="sp", **{name: q})
 
   def test_outside_shard_map_names_the_missing_axis(self):
     q = jnp.zeros((1, 16, 2, 8))
