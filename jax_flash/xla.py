@@ -69,7 +69,7 @@ class _Tiling:
 
   @classmethod
   def make(cls, seq_q, seq_k, *, block_q, block_k, causal, softmax_scale,
-           variant, extras):
+           variant, extras=None):
     origin = (0, 0)
     if variant.frame:
       origin = (extras["origin"][2], extras["origin"][3])
