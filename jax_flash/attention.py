@@ -14,6 +14,7 @@ from jax import lax
 
 from jax_flash import _cuda
 from jax_flash import dropout
+from jax_flash import partition
 from jax_flash import xla
 from jax_flash.variants import UNBOUNDED, Variant
 
@@ -107,9 +108,7 @@ class Plan:
 
   def forward(self, q, k, v, extras):
     """out and lse of the call, no custom VJP (for callers with their own)."""
-    return _run((q, k, v), extras, op="forward", backend=self.backend,
-                softmax_scale=self.softmax_scale, causal=self.causal,
-                variant=self.variant)
+    return _run((q, k, v), extras, op="forward", plan=self)
 
   def in_frame(self, frame) -> "Plan":
     """This plan for a shard of a larger attention (`variants.Frame`); its
@@ -122,10 +121,7 @@ class Plan:
   def backward(self, q, k, v, out, lse, dout, dlse, extras):
     """dq, dk, dv and the cotangents of the float extras, from a given out and
     lse (which may be those of a larger attention this call is a part of)."""
-    return _run((q, k, v, out, lse, dout, dlse), extras, op="backward",
-                backend=self.backend, softmax_scale=self.softmax_scale,
-                causal=self.causal, variant=self.variant,
-                deterministic=self.deterministic)
+    return _run((q, k, v, out, lse, dout, dlse), extras, op="backward", plan=self)
 
 
 def make_plan(query, key, value, *, causal=False, softmax_scale=None,
@@ -385,33 +381,37 @@ def _warn_if_gpu_without_kernels():
         "for the CUDA kernels.", RuntimeWarning, stacklevel=3)
 
 
-@functools.partial(jax.jit, static_argnames=("op", "backend", "softmax_scale",
-                                             "causal", "variant",
-                                             "deterministic"))
-def _run(arrays, extras, *, op: str, backend: str, softmax_scale: float,
-         causal: bool, variant: Variant, deterministic: bool = False):
-  """Calls `op` ("forward" or "backward") of the backend on `arrays`.
+@functools.partial(jax.jit, static_argnames=("op", "plan"))
+def _run(arrays, extras, *, op: str, plan: Plan):
+  """Calls `op` ("forward" or "backward") of the plan's backend on `arrays`,
+  as one op that jit can split over a device mesh (`partition`)."""
+  return partition.call(op, plan, arrays, extras, _compute)
+
+
+def _compute(op: str, plan: Plan, arrays, extras):
+  """`op` of the plan's backend on one device's arrays.
 
   The backward returns (dq, dk, dv, cotangents of the float extras). Always
-  staged: `platform_dependent` picks its branch from the platform the
-  computation is lowered for (CPU arrays on a GPU machine take the portable
-  path). Run eagerly it would instead evaluate the platform index at once on
-  the default device, and the kernels would be chosen for CPU arrays.
+  staged (under `_run`'s jit): `platform_dependent` picks its branch from the
+  platform the computation is lowered for (CPU arrays on a GPU machine take
+  the portable path). Run eagerly it would instead evaluate the platform index
+  at once on the default device, and the kernels would be chosen for CPU
+  arrays.
   """
-  extra = dict(deterministic=deterministic) if op == "backward" else {}
+  static = dict(softmax_scale=plan.softmax_scale, causal=plan.causal)
+  if op == "backward":
+    static["deterministic"] = plan.deterministic
 
   def portable(*arrays):
-    return getattr(xla, op)(*arrays, extras, softmax_scale=softmax_scale,
-                            causal=causal, variant=variant, **extra)
+    return getattr(xla, op)(*arrays, extras, variant=plan.variant, **static)
 
   def kernels(*arrays):  # plain attention only: no extras
-    results = getattr(_cuda, op)(*arrays, softmax_scale=softmax_scale,
-                                 causal=causal, **extra)
+    results = getattr(_cuda, op)(*arrays, **static)
     return (*results, {}) if op == "backward" else results
 
-  if backend == "auto":
+  if plan.backend == "auto":
     return lax.platform_dependent(*arrays, cuda=kernels, default=portable)
-  return (kernels if backend == "cuda" else portable)(*arrays)
+  return (kernels if plan.backend == "cuda" else portable)(*arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -1,7 +1,8 @@
-"""Ring attention over a sequence split across simulated CPU devices (conftest
-gives 8): values and gradients equal attention over the whole sequence, in both
-layouts and both modes, with GQA; the collectives in the compiled program are
-the ones each mode promises."""
+"""Ring attention over a sequence split across devices (the GPUs of a machine
+with several, else conftest's 8 simulated CPU devices): values and gradients
+equal attention over the whole sequence, in both layouts and both modes, with
+GQA and the variants; the collectives in the compiled program are the ones
+each mode promises."""
 
 import functools
 
@@ -30,7 +31,10 @@ def tearDownModule():
 
 
 def sequence_mesh(n: int):
-  return jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n],
+  devices = util.mesh_devices()
+  if len(devices) < n:
+    raise absltest.SkipTest(f"needs {n} devices, {len(devices)} here")
+  return jax.make_mesh((n,), ("sp",), devices=devices[:n],
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -81,7 +85,7 @@ def ring_fn(n: int, *, layout="contiguous", **kwargs):
 class RingMatchesReferenceTest(parameterized.TestCase):
 
   @parameterized.product(
-      devices=(4, 8), causal=(False, True), layout=("contiguous", "zigzag"),
+      devices=(2, 4, 8), causal=(False, True), layout=("contiguous", "zigzag"),
       mode=("ring", "allgather"))
   def test_values_and_gradients_equal_whole_sequence_attention(
       self, devices, causal, layout, mode):
@@ -106,11 +110,21 @@ class RingMatchesReferenceTest(parameterized.TestCase):
                                        num_kv_heads=2, head_dim=8, dtype=F32)
     util.assert_matches_reference(ring_fn(4), q, k, v, dout, dlse, causal=False)
 
-  def test_a_one_device_axis_is_plain_flash_attention(self):
-    q, k, v, dout, dlse = util.random_inputs(7, batch=2, seq_q=24, seq_k=24,
-                                             num_heads=2, num_kv_heads=2, head_dim=8,
-                                             dtype=F32)
+  @parameterized.parameters(F32, BF16)
+  def test_a_one_device_axis_is_plain_flash_attention(self, dtype):
+    q, k, v, dout, dlse = util.random_inputs(7, batch=2, seq_q=96, seq_k=96,
+                                             num_heads=2, num_kv_heads=2, head_dim=64,
+                                             dtype=dtype)
     util.assert_matches_reference(ring_fn(1), q, k, v, dout, dlse, causal=True)
+
+  @parameterized.parameters("ring", "allgather")
+  def test_bfloat16_gqa_zigzag_on_every_device(self, mode):
+    n = min(8, len(util.mesh_devices()))
+    q, k, v, dout, dlse = util.random_inputs(
+        8, batch=2, seq_q=64 * n, seq_k=64 * n, num_heads=8, num_kv_heads=2,
+        head_dim=128, dtype=BF16)
+    util.assert_matches_reference(ring_fn(n, layout="zigzag", mode=mode), q, k, v,
+                                  dout, dlse, causal=True)
 
 
 def packed_segments(seed, batch, length, documents):

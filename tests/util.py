@@ -109,3 +109,10 @@ def assert_matches_reference(attention_fn, q, k, v, dout, dlse, *,
     factor = OUTPUT_FACTOR if name in ("out", "lse") else GRAD_FACTOR
     assert_close_to_reference(*results, factor, name=name)
   return got
+
+
+def mesh_devices():
+  """The devices the multi-device tests run on: every device of the default
+  backend when it has several (GPUs), else the simulated CPU devices."""
+  devices = jax.devices()
+  return devices if len(devices) > 1 else jax.devices("cpu")
