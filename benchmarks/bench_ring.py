@@ -2,14 +2,24 @@
 and device count, on whatever devices this process sees.
 
 For each device count n (powers of two up to the devices present) and each
-sequence length, one causal forward+backward of `jax_flash.ring_attention`
-(zig-zag layout) over an n-device mesh axis, in both modes ("ring" and
-"allgather"), and the same attention on one device where it fits. Reports the
-median step time and the compiled temporary memory per device
-(`memory_analysis()`); per-device memory that stays flat as n grows with the
-sequence is what lets sequences outgrow one GPU.
+sequence length, causal attention over an n-device mesh axis with
+`jax_flash.ring_attention` (zig-zag layout) in both modes ("ring" and
+"allgather"), and plain `flash_attention` on one device: the median time of the
+forward and of forward+backward, and the memory per device of the compiled
+forward+backward (`memory_analysis()`: arguments, outputs and temporaries).
 
-  python benchmarks/bench_ring.py --out-dir benchmarks/results
+For the ring mode it also times the same forward+backward with the transfers
+left out (each device attends its own K/V slice in place of the one that would
+have arrived) and with the attention left out (only the transfers), and reports
+the share of the transfers' time that the attention hides:
+(attention only + transfers only - ring) / transfers only.
+
+`--longest` then finds, for each device count, the longest sequence whose
+forward+backward fits in device memory: it doubles the length while the
+compiled program's memory fits, bisects between the last fit and the first
+miss to a multiple of 2n x 1024, and runs the longest once to confirm it.
+
+  python benchmarks/bench_ring.py --out-dir benchmarks/results --longest
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
       python benchmarks/bench_ring.py --allow-cpu --quick    # smoke test on CPU
 """
@@ -17,6 +27,7 @@ sequence is what lets sequences outgrow one GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -24,32 +35,69 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_flash  # noqa: E402
+from jax_flash import attention, ring  # noqa: E402
 from bench_attention import (  # noqa: E402
-    Timing, _error_text, add_run_arguments, start_run, time_call)
+    Timing, _device_memory_bytes, _error_text, add_run_arguments, start_run,
+    time_calls)
 
 
-def step(n: int, mode: str | None):
-  """Causal forward+backward over n devices (mode None: one device, plain
-  flash_attention)."""
+def _ring_call(q, k, v, *, mode: str, ablate: str | None):
+  """ring_attention, causal, zig-zag; with `ablate`, its timing variant that
+  leaves out the transfers or the attention (results wrong)."""
+  if ablate is None:
+    return jax_flash.ring_attention(q, k, v, axis_name="sp", causal=True,
+                                    layout="zigzag", mode=mode)
+  (q, k, v), extras, plan = attention.make_plan(q, k, v, causal=True)
+  config = ring.Ring.make(plan, q, k, axis_name="sp", size=lax.axis_size("sp"),
+                          layout="zigzag", mode=mode, num_heads=q.shape[2])
+  return ring._ring(q, k, v, extras, dataclasses.replace(config, ablate=ablate))[0]
+
+
+def programs(n: int, mode: str | None, ablate: str | None = None):
+  """(forward, forward+backward) of causal attention over n devices (mode
+  None: one device, plain flash_attention), and the arrays' sharding."""
   if mode is None:
-    attend = functools.partial(jax_flash.flash_attention, causal=True)
+    attend, sharding = functools.partial(jax_flash.flash_attention, causal=True), None
   else:
     mesh = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n],
                          axis_types=(jax.sharding.AxisType.Auto,))
-    attend = jax.shard_map(
-        functools.partial(jax_flash.ring_attention, axis_name="sp", causal=True,
-                          layout="zigzag", mode=mode),
-        mesh=mesh, in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
+    sharding = jax.NamedSharding(mesh, P(None, "sp"))
+    attend = jax.shard_map(functools.partial(_ring_call, mode=mode, ablate=ablate),
+                           mesh=mesh, in_specs=(P(None, "sp"),) * 3,
+                           out_specs=P(None, "sp"))
 
-  def fwdbwd(q, k, v, dout):
-    out, pullback = jax.vjp(attend, q, k, v)
+  def forward(q, k, v, dout):
+    del dout
+    return attend(q, k, v)
+
+  def forward_backward(q, k, v, dout):
+    _, pullback = jax.vjp(attend, q, k, v)
     return pullback(dout)
-  return fwdbwd
+
+  return forward, forward_backward, sharding
+
+
+def _specs(shape, sharding):
+  return [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)] * 4
+
+
+def _bytes_per_device(compiled) -> int:
+  stats = compiled.memory_analysis()
+  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def _arrays(shape, sharding, seed: int):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  place = sharding if sharding is not None else jax.devices()[0]
+  return [jax.device_put(jax.random.normal(key, shape, jnp.bfloat16), place)
+          for key in keys]
 
 
 def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
@@ -57,23 +105,67 @@ def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
              heads=args.heads, head_dim=args.head_dim)
   shape = (args.batch, seq, args.heads, args.head_dim)
   try:
-    specs = [jax.ShapeDtypeStruct(shape, jnp.bfloat16)] * 4
-    if mode is not None:
-      mesh = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n],
-                           axis_types=(jax.sharding.AxisType.Auto,))
-      sharding = jax.NamedSharding(mesh, P(None, "sp"))
-      specs = [jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)] * 4
-    compiled = jax.jit(step(n, mode)).lower(*specs).compile()
-    stats = compiled.memory_analysis()
-    row["temp_bytes_per_device"] = int(stats.temp_size_in_bytes)
-    row["arg_bytes_per_device"] = int(stats.argument_size_in_bytes)
-    keys = jax.random.split(jax.random.key(seq), 4)
-    arrays = [jax.device_put(jax.random.normal(key, shape, jnp.bfloat16),
-                             s.sharding if s.sharding is not None else jax.devices()[0])
-              for key, s in zip(keys, specs)]
-    row["ms"] = time_call(compiled, arrays, timing) * 1e3
+    forward, forward_backward, sharding = programs(n, mode)
+    specs = _specs(shape, sharding)
+    fns = [jax.jit(forward).lower(*specs).compile(),
+           jax.jit(forward_backward).lower(*specs).compile()]
+    row["bytes_per_device"] = _bytes_per_device(fns[1])
+    names = ["fwd_ms", "fwdbwd_ms"]
+    if mode == "ring" and n > 1:
+      for ablate in ("transfers", "attention"):
+        fns.append(jax.jit(programs(n, mode, ablate)[1]).lower(*specs).compile())
+        names.append(f"fwdbwd_without_{ablate}_ms")
+    seconds = time_calls(fns, _arrays(shape, sharding, seq), timing)
+    row.update({name: s * 1e3 for name, s in zip(names, seconds)})
+    if "fwdbwd_without_attention_ms" in row:
+      transfers = row["fwdbwd_without_attention_ms"]
+      row["hidden"] = (row["fwdbwd_without_transfers_ms"] + transfers
+                       - row["fwdbwd_ms"]) / transfers
   except Exception as e:  # noqa: BLE001 - every failure is a result to record
     row["error"] = _error_text(e)
+  return row
+
+
+def longest(n: int, args, timing: Timing) -> dict:
+  """The longest sequence whose forward+backward fits on n devices (ring mode
+  from 2 devices, plain flash_attention on one)."""
+  mode = "ring" if n > 1 else None
+  unit = 2 * n * 1024
+  limit = _device_memory_bytes()
+  row = dict(devices=n, mode=(mode or "one device") + ", longest", batch=args.batch,
+             heads=args.heads, head_dim=args.head_dim, memory_limit_bytes=limit)
+  if limit is None:
+    row["error"] = "the devices report no memory limit"
+    return row
+  _, forward_backward, sharding = programs(n, mode)
+
+  def fits(units: int) -> bool:
+    shape = (args.batch, units * unit, args.heads, args.head_dim)
+    try:
+      compiled = jax.jit(forward_backward).lower(*_specs(shape, sharding)).compile()
+    except Exception:  # noqa: BLE001 - a program that does not compile does not fit
+      return False
+    return _bytes_per_device(compiled) <= limit
+
+  fit, miss = 0, max(1, (args.seqs or [16384])[0] // unit)
+  while fits(miss):
+    fit, miss = miss, miss * 2
+  while miss - fit > max(1, fit // 64):  # within 1.6%
+    middle = (fit + miss) // 2
+    fit, miss = (middle, miss) if fits(middle) else (fit, middle)
+  row["seq"] = fit * unit
+  if not fit:
+    row["error"] = "the shortest length tried does not fit"
+    return row
+  shape = (args.batch, row["seq"], args.heads, args.head_dim)
+  try:
+    compiled = jax.jit(forward_backward).lower(*_specs(shape, sharding)).compile()
+    row["bytes_per_device"] = _bytes_per_device(compiled)
+    once = Timing(repeats=1, min_repeat_s=0.0, max_iters=1)
+    row["fwdbwd_ms"] = time_calls([compiled], _arrays(shape, sharding, 0), once)[0] * 1e3
+  except Exception as e:  # noqa: BLE001
+    row["error"] = _error_text(e)
+  del timing
   return row
 
 
@@ -81,27 +173,39 @@ def markdown(rows, command: str, seconds: float) -> str:
   device = jax.devices()[0].device_kind
   out = [f"# Ring attention scaling: {len(jax.devices())} x {device}, "
          f"{time.strftime('%Y-%m-%d')}", "", f"Command: `{command}`  ",
-         f"jax {jax.__version__}, bf16, causal forward+backward, zig-zag layout; ms = "
-         "median step time; MiB = compiled temporary memory per device. "
-         f"Took {seconds:.0f} s.", "",
-         "| devices | mode | seq | ms | MiB per device |", "|---|---|---|---|---|"]
+         f"jax {jax.__version__}, bf16, causal, zig-zag layout. fwd and fwd+bwd: median "
+         "ms. GiB: memory per device of the compiled forward+backward (arguments, outputs, "
+         "temporaries). hidden: share of the transfers' time hidden behind the attention, "
+         "(attention only + transfers only - ring) / transfers only, from the two "
+         "fwd+bwd columns beside it. Longest: the longest sequence whose fwd+bwd fits in "
+         f"device memory, run once. Took {seconds:.0f} s.", "",
+         "| devices | mode | seq | fwd ms | fwd+bwd ms | GiB per device | fwd+bwd without "
+         "transfers | transfers only | hidden |", "|---|---|---|---|---|---|---|---|---|"]
+  cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   for r in rows:
-    ms = f"{r['ms']:.2f}" if "ms" in r else ("OOM" if "RESOURCE" in r.get("error", "")
-                                             else "err")
-    mib = (f"{r['temp_bytes_per_device'] / 2**20:.1f}" if "temp_bytes_per_device" in r
-           else "-")
-    out.append(f"| {r['devices']} | {r['mode']} | {r['seq']} | {ms} | {mib} |")
+    error = r.get("error", "")
+    out_of_memory = "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
+    failed = ("OOM" if out_of_memory else "err") if error else None
+    out.append(" | ".join([
+        f"| {r['devices']}", r["mode"], str(r.get("seq", "-")),
+        failed or cell(r, "fwd_ms", "{:.2f}"), failed or cell(r, "fwdbwd_ms", "{:.2f}"),
+        f"{r['bytes_per_device'] / 2**30:.2f}" if "bytes_per_device" in r else "-",
+        cell(r, "fwdbwd_without_transfers_ms", "{:.2f}"),
+        cell(r, "fwdbwd_without_attention_ms", "{:.2f}"),
+        cell(r, "hidden", "{:.0%}")]) + " |")
   return "\n".join(out) + "\n"
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")],
-                 default=[16384, 65536, 262144])
+  p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",") if x],
+                 default=[16384, 65536, 262144], help="'' for none (with --longest)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--longest", action="store_true",
+                 help="also find the longest sequence that fits, per device count")
   add_run_arguments(p)
   args = p.parse_args(argv)
   timing, run_log = start_run(args, "ring")
@@ -109,10 +213,13 @@ def main(argv=None):
     args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
   for seq in args.seqs:
-    plan = [(1, None)] + [(n, mode) for n in counts for mode in ("ring", "allgather")
-                          if seq % (2 * n) == 0]
-    for n, mode in plan:
+    cells = [(1, None)] + [(n, mode) for n in counts[1:] for mode in ("ring", "allgather")
+                           if seq % (2 * n) == 0]
+    for n, mode in cells:
       run_log.record(measure(n, mode, seq, args, timing))
+  if args.longest:
+    for n in counts:
+      run_log.record(longest(n, args, timing))
   run_log.finish(markdown, "bench_ring.py", argv)
 
 

@@ -130,6 +130,10 @@ class Ring:
   diagonal_offset: int
   plan: attention.Plan
   diagonal: attention.Plan | None
+  # For benchmarks only, which measure what the transfers cost and how much of
+  # it the attention hides: "transfers" or "attention" left out (the results
+  # are then wrong), None for neither.
+  ablate: str | None = None
 
   @classmethod
   def make(cls, plan, query, key, *, axis_name, size, layout, mode, num_heads):
@@ -170,6 +174,8 @@ class Ring:
     """0: every key of the pair hidden from every query, 1: some visible (the
     pair runs masked), 2: every key visible. Python ints where the variant
     decides alone, else traced."""
+    if self.ablate == "attention":
+      return 0
     window = self.plan.variant.window
     left = window[0]
     right = 0 if self.causal or self.diagonal is not None else window[1]
@@ -241,7 +247,7 @@ def _visits(key_side, ring: Ring):
                   for name, x in gathered.items()}
       continue
     current = in_hand
-    if step < n - 1:
+    if step < n - 1 and ring.ablate != "transfers":
       in_hand = _shift(in_hand, axis_name, n)
     yield src, current
 
@@ -356,7 +362,9 @@ def ring_backward(q, k, v, out, lse, dout, dlse, extras, ring: Ring):
     else:
       # The accumulators travel with the K/V slice they belong to; after the
       # last step one more pass brings each home.
-      dkv = _shift([acc + g for acc, g in zip(dkv, step)], ring.axis_name, ring.size)
+      dkv = [acc + g for acc, g in zip(dkv, step)]
+      if ring.ablate != "transfers":
+        dkv = _shift(dkv, ring.axis_name, ring.size)
   if allgather:
     dkv = [lax.psum_scatter(x, ring.axis_name, scatter_dimension=0, tiled=False)
            for x in dkv]
