@@ -213,7 +213,7 @@ def main(argv=None):
     args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
   for seq in args.seqs:
-    cells = [(1, None)] + [(n, mode) for n in counts[1:] for mode in ("ring", "allgather")
+    cells = [(1, None)] + [(n, mode) for n in counts for mode in ("ring", "allgather")
                            if seq % (2 * n) == 0]
     for n, mode in cells:
       run_log.record(measure(n, mode, seq, args, timing))
