@@ -31,19 +31,21 @@ run_tests() {  # name, limit in seconds, pytest arguments...
 nvidia-smi -L | tee "$OUT/env.txt"
 python -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/env.txt"
 
-CUDA_VISIBLE_DEVICES=0 SKIP_BENCH=1 TEST_TIMEOUT_S=200 OUT="$OUT" \
-    bash benchmarks/run_device.sh > "$OUT/one_gpu_kernels.log" 2>&1
-summary+=("one GPU, kernel tests: $(grep -E '^GPU tests:' "$OUT/one_gpu_kernels.log")")
+scratch="$(mktemp -d)"
+CUDA_VISIBLE_DEVICES=0 SKIP_BENCH=1 TEST_TIMEOUT_S=200 OUT="$scratch" \
+    bash benchmarks/run_device.sh > "$scratch/run_device.log" 2>&1
+cp "$scratch/gpu_tests.log" "$OUT/one_gpu_kernels.log" 2>/dev/null
+summary+=("one GPU, kernel tests: $(grep -E '^GPU tests:' "$scratch/run_device.log")")
 CUDA_VISIBLE_DEVICES=0 run_tests one_gpu_variants 150 -n 8 tests/test_variants.py
 CUDA_VISIBLE_DEVICES=0 run_tests one_gpu_ring 100 -n 2 tests/test_ring.py -k one_device
 run_tests all_gpus_sharding_ring 200 -n 4 tests/test_sharding.py tests/test_ring.py
 
 left=$(( deadline - SECONDS - 20 ))
 if (( left > 60 )); then
-  timeout "$left" python benchmarks/bench_ring.py --out-dir "$OUT" "$@" > "$OUT/bench_ring.log" 2>&1
+  timeout "$left" python benchmarks/bench_ring.py --out-dir "$OUT" "$@" > "$scratch/bench_ring.log" 2>&1
   summary+=("bench_ring: rc $?")
 fi
 
 printf '%s\n' "${summary[@]}"
 md="$(find "$OUT" -maxdepth 1 -name 'ring-*.md' | head -n 1)"
-if [[ -n "$md" ]]; then cat "$md"; else tail -n 30 "$OUT/bench_ring.log" 2>/dev/null; fi
+if [[ -n "$md" ]]; then cat "$md"; else tail -n 30 "$scratch/bench_ring.log" 2>/dev/null; fi
