@@ -14,10 +14,16 @@ have arrived) and with the attention left out (only the transfers), and reports
 the share of the transfers' time that the attention hides:
 (attention only + transfers only - ring) / transfers only.
 
+It also reads the compiled ring program's schedule: of its transfers
+(collective-permute start/done pairs), how many have attention work (kernel
+calls or the branches that hold them) scheduled between their start and done.
+
 `--longest` then finds, for each device count, the longest sequence whose
-forward+backward fits in device memory: it doubles the length while the
-compiled program's memory fits, bisects between the last fit and the first
-miss to a multiple of 2n x 1024, and runs the longest once to confirm it.
+forward+backward fits in device memory by the compiled program's memory
+analysis: it doubles the length while it fits and bisects between the last fit
+and the first miss to a multiple of 2n x 1024. At that length one step takes
+minutes (time grows with the square of the length), so it is compiled, not run;
+`--longest-run` runs it once.
 
   python benchmarks/bench_ring.py --out-dir benchmarks/results --longest
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
@@ -30,6 +36,7 @@ import argparse
 import dataclasses
 import functools
 import pathlib
+import re
 import sys
 import time
 
@@ -93,6 +100,24 @@ def _bytes_per_device(compiled) -> int:
              + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def transfer_overlap(hlo_text: str) -> tuple[int, int]:
+  """(transfers with attention work scheduled between their start and done,
+  transfers) in a compiled program's text, whose instructions are listed in
+  schedule order."""
+  open_transfers, overlapped, total = {}, 0, 0
+  for line in hlo_text.splitlines():
+    if "collective-permute-start(" in line:
+      open_transfers[line.split("=")[0].strip().removeprefix("ROOT ").lstrip("%")] = False
+    elif "collective-permute-done(" in line:
+      start = re.search(r"collective-permute-done\([^%]*%([\w.-]+)", line)
+      if start and start.group(1) in open_transfers:
+        total += 1
+        overlapped += open_transfers.pop(start.group(1))
+    elif " conditional(" in line or ("custom-call(" in line and "jax_flash" in line):
+      open_transfers = dict.fromkeys(open_transfers, True)
+  return overlapped, total
+
+
 def _arrays(shape, sharding, seed: int):
   keys = jax.random.split(jax.random.key(seed), 4)
   place = sharding if sharding is not None else jax.devices()[0]
@@ -112,6 +137,8 @@ def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
     row["bytes_per_device"] = _bytes_per_device(fns[1])
     names = ["fwd_ms", "fwdbwd_ms"]
     if mode == "ring" and n > 1:
+      overlapped, total = transfer_overlap(fns[1].as_text())
+      row["transfers_overlapped"] = f"{overlapped}/{total}"
       for ablate in ("transfers", "attention"):
         fns.append(jax.jit(programs(n, mode, ablate)[1]).lower(*specs).compile())
         names.append(f"fwdbwd_without_{ablate}_ms")
@@ -161,8 +188,9 @@ def longest(n: int, args, timing: Timing) -> dict:
   try:
     compiled = jax.jit(forward_backward).lower(*_specs(shape, sharding)).compile()
     row["bytes_per_device"] = _bytes_per_device(compiled)
-    once = Timing(repeats=1, min_repeat_s=0.0, max_iters=1)
-    row["fwdbwd_ms"] = time_calls([compiled], _arrays(shape, sharding, 0), once)[0] * 1e3
+    if args.longest_run:
+      once = Timing(repeats=1, min_repeat_s=0.0, max_iters=1)
+      row["fwdbwd_ms"] = time_calls([compiled], _arrays(shape, sharding, 0), once)[0] * 1e3
   except Exception as e:  # noqa: BLE001
     row["error"] = _error_text(e)
   del timing
@@ -177,10 +205,13 @@ def markdown(rows, command: str, seconds: float) -> str:
          "ms. GiB: memory per device of the compiled forward+backward (arguments, outputs, "
          "temporaries). hidden: share of the transfers' time hidden behind the attention, "
          "(attention only + transfers only - ring) / transfers only, from the two "
-         "fwd+bwd columns beside it. Longest: the longest sequence whose fwd+bwd fits in "
-         f"device memory, run once. Took {seconds:.0f} s.", "",
+         "fwd+bwd columns beside it; overlapped: transfers with attention scheduled between "
+         "their start and done in the compiled program. Longest: the longest sequence whose "
+         "fwd+bwd fits in device memory by the compiled memory analysis (run only with "
+         f"--longest-run). Took {seconds:.0f} s.", "",
          "| devices | mode | seq | fwd ms | fwd+bwd ms | GiB per device | fwd+bwd without "
-         "transfers | transfers only | hidden |", "|---|---|---|---|---|---|---|---|---|"]
+         "transfers | transfers only | hidden | overlapped |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   for r in rows:
     error = r.get("error", "")
@@ -192,7 +223,7 @@ def markdown(rows, command: str, seconds: float) -> str:
         f"{r['bytes_per_device'] / 2**30:.2f}" if "bytes_per_device" in r else "-",
         cell(r, "fwdbwd_without_transfers_ms", "{:.2f}"),
         cell(r, "fwdbwd_without_attention_ms", "{:.2f}"),
-        cell(r, "hidden", "{:.0%}")]) + " |")
+        cell(r, "hidden", "{:.0%}"), r.get("transfers_overlapped", "-")]) + " |")
   return "\n".join(out) + "\n"
 
 
@@ -206,6 +237,8 @@ def main(argv=None):
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--longest", action="store_true",
                  help="also find the longest sequence that fits, per device count")
+  p.add_argument("--longest-run", action="store_true",
+                 help="and run it once (minutes per step at such lengths)")
   add_run_arguments(p)
   args = p.parse_args(argv)
   timing, run_log = start_run(args, "ring")
