@@ -229,27 +229,36 @@ def _shift(x, axis_name: str, n: int):
   return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
 
 
-def _visits(key_side, ring: Ring):
-  """(device whose key-side slices they are, those slices) for each of the n
-  steps: in "ring" mode the slices come around the ring, each next one sent
-  before this one is used, so the transfer overlaps the attention; in
-  "allgather" mode they are read from the gathered whole. `key_side`: a dict
-  of arrays split along the keys (K, V, key segment ids)."""
+def _around(key_side, ring: Ring, init, step):
+  """carry = step(src, slices, carry) for each of the ring's n steps, where
+  src is the device whose key-side slices (a dict of arrays split along the
+  keys: K, V, key segment ids) the step attends to.
+
+  In "ring" mode the slices come around the ring: each step sends the slices
+  in hand on before attending to them, so the transfer overlaps the attention.
+  In "allgather" mode they are read from the gathered whole. The steps are a
+  loop, so a device holds the slices in use and those arriving, and one step's
+  buffers, whatever the number of devices.
+  """
   n, axis_name = ring.size, ring.axis_name
   me = lax.axis_index(axis_name)
-  gathered = ({name: lax.all_gather(x, axis_name, axis=0) for name, x in key_side.items()}
-              if ring.mode == "allgather" else None)
-  in_hand = key_side
-  for step in range(n):
-    src = (me - step) % n
-    if gathered is not None:
-      yield src, {name: lax.dynamic_index_in_dim(x, src, keepdims=False)
-                  for name, x in gathered.items()}
-      continue
-    current = in_hand
-    if step < n - 1 and ring.ablate != "transfers":
-      in_hand = _shift(in_hand, axis_name, n)
-    yield src, current
+  if ring.mode == "allgather":
+    gathered = {name: lax.all_gather(x, axis_name, axis=0) for name, x in key_side.items()}
+
+    def gathered_step(i, carry):
+      src = (me - i) % n
+      return step(src, {name: lax.dynamic_index_in_dim(x, src, keepdims=False)
+                        for name, x in gathered.items()}, carry)
+    return lax.fori_loop(0, n, gathered_step, init)
+
+  def ring_step(i, state):
+    in_hand, carry = state
+    arriving = in_hand if ring.ablate == "transfers" else _shift(in_hand, axis_name, n)
+    return arriving, step((me - i) % n, in_hand, carry)
+
+  # The last step sends nothing on.
+  last, carry = lax.fori_loop(0, n - 1, ring_step, (key_side, init))
+  return step((me - (n - 1)) % n, last, carry)
 
 
 def _key_side(k, v, extras):
@@ -294,14 +303,18 @@ def ring_forward(q, k, v, extras, ring: Ring):
   """(out, lse) of this device's queries over the whole sequence."""
   q_parts = _split(q, ring.parts, 1)
   me = lax.axis_index(ring.axis_name)
-  acc = [_no_keys(p, k, v) for p in q_parts]
-  for src, key_side in _visits(_key_side(k, v, extras), ring):
+  attend = lambda plan: lambda q, k, v, pair: plan.forward(q, k, v, pair)
+  branches = [lambda q, k, v, pair: _no_keys(q, k, v, q.dtype),
+              attend(ring.pair_plan(1)), attend(ring.pair_plan(2))]
+
+  def step(src, key_side, acc):
+    acc = list(acc)
     for a, _, q_chunk, k_chunk, rel, kp, vp, kv_extras in _pairs(ring, me, src, key_side):
       pair = ring.pair_extras(extras, a, kv_extras, q_chunk, k_chunk)
-      attend = lambda plan: lambda q, k, v, pair: plan.forward(q, k, v, pair)
-      branches = [lambda q, k, v, pair: _no_keys(q, k, v, q.dtype),
-                  attend(ring.pair_plan(1)), attend(ring.pair_plan(2))]
       acc[a] = _merge(acc[a], _by_relation(rel, branches, q_parts[a], kp, vp, pair))
+    return acc
+
+  acc = _around(_key_side(k, v, extras), ring, [_no_keys(p, k, v) for p in q_parts], step)
   out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype)
   lse = jnp.concatenate([l for _, l in acc], axis=2)
   return out, lse
@@ -341,30 +354,33 @@ def ring_backward(q, k, v, out, lse, dout, dlse, extras, ring: Ring):
             {name: jnp.zeros(x.shape, _F32) + zero for name, x in float_extras.items()})
 
   branches = [hidden, pair_grads(ring.pair_plan(1)), pair_grads(ring.pair_plan(2))]
-  for src, key_side in _visits(_key_side(k, v, extras), ring):
-    k_parts = _split(key_side["k"], ring.parts, 1)
-    dk_parts = [jnp.zeros(p.shape, _F32) + zero for p in k_parts]
-    dv_parts = [jnp.zeros(p.shape[:-1] + v.shape[-1:], _F32) + zero for p in k_parts]
+
+  def step(src, key_side, carry):
+    dq, dkv, d_extras = list(carry[0]), carry[1], carry[2]
+    dk_parts, dv_parts = [None] * ring.parts, [None] * ring.parts
     for a, b, q_chunk, k_chunk, rel, kp, vp, kv_extras in _pairs(ring, me, src, key_side):
       pair = ring.pair_extras(extras, a, kv_extras, q_chunk, k_chunk)
       (g_q, g_k, g_v), g_extras = _by_relation(
           rel, branches, q_parts[a], kp, vp, out_parts[a], lse_parts[a],
           dout_parts[a], dlse_parts[a], pair)
       dq[a] = dq[a] + g_q
-      dk_parts[b] = dk_parts[b] + g_k
-      dv_parts[b] = dv_parts[b] + g_v
+      dk_parts[b] = g_k if dk_parts[b] is None else dk_parts[b] + g_k
+      dv_parts[b] = g_v if dv_parts[b] is None else dv_parts[b] + g_v
       d_extras = {name: d_extras[name] + g for name, g in g_extras.items()}
-    step = [jnp.concatenate(dk_parts, axis=1), jnp.concatenate(dv_parts, axis=1)]
+    grads = [jnp.concatenate(dk_parts, axis=1), jnp.concatenate(dv_parts, axis=1)]
     if allgather:
       dkv = [lax.dynamic_update_index_in_dim(
           acc, lax.dynamic_index_in_dim(acc, src, keepdims=False) + g, src, 0)
-             for acc, g in zip(dkv, step)]
+             for acc, g in zip(dkv, grads)]
     else:
       # The accumulators travel with the K/V slice they belong to; after the
       # last step one more pass brings each home.
-      dkv = [acc + g for acc, g in zip(dkv, step)]
+      dkv = [acc + g for acc, g in zip(dkv, grads)]
       if ring.ablate != "transfers":
         dkv = _shift(dkv, ring.axis_name, ring.size)
+    return dq, dkv, d_extras
+
+  dq, dkv, d_extras = _around(_key_side(k, v, extras), ring, (dq, dkv, d_extras), step)
   if allgather:
     dkv = [lax.psum_scatter(x, ring.axis_name, scatter_dimension=0, tiled=False)
            for x in dkv]
