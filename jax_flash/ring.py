@@ -225,8 +225,22 @@ def _merge(acc, part):
 
 
 def _shift(x, axis_name: str, n: int):
-  """x passed one device on around the ring."""
-  return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+  """The arrays of the pytree x passed one device on around the ring, those of
+  one dtype packed into one transfer (separate transfers would run one after
+  another, and only one of them behind the attention)."""
+  leaves, tree = jax.tree.flatten(x)
+  by_dtype = {}
+  for i, leaf in enumerate(leaves):
+    by_dtype.setdefault(jnp.dtype(leaf.dtype), []).append(i)
+  moved = list(leaves)
+  pairs = [(i, (i + 1) % n) for i in range(n)]
+  for indices in by_dtype.values():
+    packed = jnp.concatenate([leaves[i].ravel() for i in indices])
+    packed = lax.ppermute(packed, axis_name, pairs)
+    offsets = np.cumsum([0] + [leaves[i].size for i in indices])
+    for i, start, end in zip(indices, offsets[:-1], offsets[1:]):
+      moved[i] = packed[start:end].reshape(leaves[i].shape)
+  return tree.unflatten(moved)
 
 
 def _around(key_side, ring: Ring, init, step):
@@ -341,43 +355,48 @@ def ring_backward(q, k, v, out, lse, dout, dlse, extras, ring: Ring):
   dkv = [jnp.zeros(((ring.size,) if allgather else ()) + x.shape, _F32) + zero
          for x in (k, v)]
 
+  # A pair's gradients stay in the inputs' dtypes (the sums convert them as
+  # they add), so a step holds no float32 copies of them.
   def pair_grads(plan):
     def grads(q, k, v, out, lse, dout, dlse, pair):
       dq, dk, dv, d_pair = plan.backward(q, k, v, out, lse, dout, dlse, pair)
-      return (tuple(g.astype(_F32) for g in (dq, dk, dv)),
-              {name: d_pair[name].astype(_F32) for name in float_extras})
+      return (dq, dk, dv), {name: d_pair[name].astype(_F32) for name in float_extras}
     return grads
 
   def hidden(q, k, v, *args):
     zero = xla.zero_of(q, k, v)
-    return (tuple(jnp.zeros(x.shape, _F32) + zero for x in (q, k, v)),
+    return (tuple((jnp.zeros(x.shape, _F32) + zero).astype(x.dtype) for x in (q, k, v)),
             {name: jnp.zeros(x.shape, _F32) + zero for name, x in float_extras.items()})
 
   branches = [hidden, pair_grads(ring.pair_plan(1)), pair_grads(ring.pair_plan(2))]
 
+  chunk_k = k.shape[1] // ring.parts
+
+  def add_to_part(acc, g, part, slice_index):
+    """acc (float32, [n, ...] in allgather mode) plus g at key part `part`
+    of the slice, in place."""
+    start = [0] * acc.ndim
+    start[-3] = part * chunk_k
+    if allgather:
+      start[0] = slice_index
+      g = g[None]
+    window = lax.dynamic_slice(acc, start, g.shape)
+    return lax.dynamic_update_slice(acc, window + g.astype(_F32), start)
+
   def step(src, key_side, carry):
-    dq, dkv, d_extras = list(carry[0]), carry[1], carry[2]
-    dk_parts, dv_parts = [None] * ring.parts, [None] * ring.parts
+    dq, dkv, d_extras = list(carry[0]), list(carry[1]), carry[2]
     for a, b, q_chunk, k_chunk, rel, kp, vp, kv_extras in _pairs(ring, me, src, key_side):
       pair = ring.pair_extras(extras, a, kv_extras, q_chunk, k_chunk)
       (g_q, g_k, g_v), g_extras = _by_relation(
           rel, branches, q_parts[a], kp, vp, out_parts[a], lse_parts[a],
           dout_parts[a], dlse_parts[a], pair)
-      dq[a] = dq[a] + g_q
-      dk_parts[b] = g_k if dk_parts[b] is None else dk_parts[b] + g_k
-      dv_parts[b] = g_v if dv_parts[b] is None else dv_parts[b] + g_v
+      dq[a] = dq[a] + g_q.astype(_F32)
+      dkv = [add_to_part(acc, g, b, src) for acc, g in zip(dkv, (g_k, g_v))]
       d_extras = {name: d_extras[name] + g for name, g in g_extras.items()}
-    grads = [jnp.concatenate(dk_parts, axis=1), jnp.concatenate(dv_parts, axis=1)]
-    if allgather:
-      dkv = [lax.dynamic_update_index_in_dim(
-          acc, lax.dynamic_index_in_dim(acc, src, keepdims=False) + g, src, 0)
-             for acc, g in zip(dkv, grads)]
-    else:
+    if not allgather and ring.ablate != "transfers":
       # The accumulators travel with the K/V slice they belong to; after the
       # last step one more pass brings each home.
-      dkv = [acc + g for acc, g in zip(dkv, grads)]
-      if ring.ablate != "transfers":
-        dkv = _shift(dkv, ring.axis_name, ring.size)
+      dkv = _shift(dkv, ring.axis_name, ring.size)
     return dq, dkv, d_extras
 
   dq, dkv, d_extras = _around(_key_side(k, v, extras), ring, (dq, dkv, d_extras), step)
