@@ -228,6 +228,8 @@ def _shift(x, axis_name: str, n: int):
   """The arrays of the pytree x passed one device on around the ring, those of
   one dtype packed into one transfer (separate transfers would run one after
   another, and only one of them behind the attention)."""
+  if n == 1:
+    return x
   leaves, tree = jax.tree.flatten(x)
   by_dtype = {}
   for i, leaf in enumerate(leaves):

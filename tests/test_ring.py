@@ -202,6 +202,32 @@ class RingVariantsTest(parameterized.TestCase):
     self.assertEqual(visible, [[2, 0, 0, 0], [2, 2, 0, 0], [0, 2, 2, 0], [0, 0, 2, 2]])
 
 
+class MemoryTest(absltest.TestCase):
+
+  def test_memory_per_device_does_not_grow_with_the_ring(self):
+    """The steps are a loop: a device holds one step's buffers whatever the
+    number of devices (checked on the simulated CPU devices)."""
+    devices = jax.devices("cpu")
+    if len(devices) < 8:
+      raise absltest.SkipTest("needs 8 CPU devices")
+
+    def temporaries(n):
+      mesh = jax.make_mesh((n,), ("sp",), devices=devices[:n],
+                           axis_types=(jax.sharding.AxisType.Auto,))
+      spec = jax.NamedSharding(mesh, P(None, "sp"))
+      attend = jax.shard_map(
+          functools.partial(jax_flash.ring_attention, axis_name="sp", causal=True,
+                            layout="zigzag"),
+          mesh=mesh, in_specs=(P(None, "sp"),) * 3, out_specs=P(None, "sp"))
+      step = jax.grad(lambda q, k, v: attend(q, k, v).astype(F32).sum(), (0, 1, 2))
+      shape = jax.ShapeDtypeStruct((1, 256 * n, 2, 32), BF16, sharding=spec)
+      compiled = jax.jit(step).lower(shape, shape, shape).compile()
+      return compiled.memory_analysis().temp_size_in_bytes
+
+    two, eight = temporaries(2), temporaries(8)
+    self.assertLess(eight, 1.25 * two)
+
+
 class CollectivesTest(absltest.TestCase):
 
   def compiled_text(self, mode):
