@@ -38,6 +38,11 @@ def sequence_mesh(n: int):
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+# Devices of the ring in the tests written for one size: 4, or as many as a
+# machine with fewer GPUs has.
+RING = min(4, len(util.mesh_devices()))
+
+
 def ring_fn(n: int, *, layout="contiguous", **kwargs):
   """attention(q, k, v, causal, softmax_scale, return_lse, ...) -> (out, lse)
   over the whole sequence, computed by ring_attention on n devices (the zig-zag
@@ -99,7 +104,7 @@ class RingMatchesReferenceTest(parameterized.TestCase):
     q, k, v, dout, dlse = util.random_inputs(
         3, batch=1, seq_q=128, seq_k=128, num_heads=4, num_kv_heads=1,
         head_dim=32, dtype=BF16)
-    util.assert_matches_reference(ring_fn(4, layout="zigzag"), q, k, v, dout, dlse,
+    util.assert_matches_reference(ring_fn(RING, layout="zigzag"), q, k, v, dout, dlse,
                                   causal=True)
 
   def test_more_keys_than_queries_without_a_causal_mask(self):
@@ -108,7 +113,7 @@ class RingMatchesReferenceTest(parameterized.TestCase):
                                              head_dim=8, dtype=F32)
     _, k, v, _, _ = util.random_inputs(6, batch=1, seq_q=64, seq_k=64, num_heads=2,
                                        num_kv_heads=2, head_dim=8, dtype=F32)
-    util.assert_matches_reference(ring_fn(4), q, k, v, dout, dlse, causal=False)
+    util.assert_matches_reference(ring_fn(RING), q, k, v, dout, dlse, causal=False)
 
   @parameterized.parameters(F32, BF16)
   def test_a_one_device_axis_is_plain_flash_attention(self, dtype):
@@ -160,7 +165,7 @@ class RingVariantsTest(parameterized.TestCase):
     q, k, v, dout, dlse = util.random_inputs(
         11, batch=2, seq_q=64, seq_k=64, num_heads=4, num_kv_heads=2,
         head_dim=16, dtype=F32)
-    util.assert_matches_reference(ring_fn(4, layout=layout, mode=mode),
+    util.assert_matches_reference(ring_fn(RING, layout=layout, mode=mode),
                                   q, k, v, dout, dlse, causal=causal, **kwargs())
 
   @parameterized.parameters("contiguous", "zigzag")
@@ -171,7 +176,7 @@ class RingVariantsTest(parameterized.TestCase):
     rng, rate = jax.random.key(5), 0.25
     mask = jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=64, seq_k=64)
     util.assert_matches_reference(
-        ring_fn(4, layout=layout, dropout_rng=rng), q, k, v, dout, dlse,
+        ring_fn(RING, layout=layout, dropout_rng=rng), q, k, v, dout, dlse,
         causal=True, dropout_rate=rate, dropout_mask=mask, window_size=(20, 0))
 
   def test_alibi_slope_gradient_is_summed_over_the_ring(self):
@@ -184,7 +189,7 @@ class RingVariantsTest(parameterized.TestCase):
       out, lse = attention(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True)
       return jnp.sum(out * dout) + jnp.sum(lse * dlse)
 
-    got = jax.jit(jax.grad(functools.partial(loss, ring_fn(4, layout="zigzag"))))(slopes)
+    got = jax.jit(jax.grad(functools.partial(loss, ring_fn(RING, layout="zigzag"))))(slopes)
     expected = jax.grad(functools.partial(loss, jax_flash.attention_reference))(slopes)
     self.assertGreater(float(jnp.abs(expected).max()), 1e-3)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
@@ -232,7 +237,7 @@ class CollectivesTest(absltest.TestCase):
 
   def compiled_text(self, mode):
     q = jnp.zeros((1, 64, 2, 8), F32)
-    fn = ring_fn(4, mode=mode)
+    fn = ring_fn(RING, mode=mode)
     grad = jax.grad(lambda q, k, v: fn(q, k, v, causal=True)[0].sum(), (0, 1, 2))
     return jax.jit(grad).lower(q, q, q).compile().as_text()
 
@@ -269,11 +274,11 @@ class RingArgumentsTest(absltest.TestCase):
     for kwargs, message in ((dict(layout="striped"), "layout"),
                             (dict(mode="tree"), "mode")):
       with self.assertRaisesRegex(ValueError, message):
-        ring_fn(4, **kwargs)(q, q, q)
+        ring_fn(RING, **kwargs)(q, q, q)
     with self.assertRaisesRegex(ValueError, "zig-zag layout"):
       jax_flash.zigzag_permute(jnp.zeros((1, 12, 2, 8)), 4)
     with self.assertRaisesRegex(ValueError, "causal needs as many queries as keys"):
-      ring_fn(4)(q, jnp.zeros((1, 32, 2, 8)), jnp.zeros((1, 32, 2, 8)), causal=True)
+      ring_fn(RING)(q, jnp.zeros((1, 32, 2, 8)), jnp.zeros((1, 32, 2, 8)), causal=True)
 
   def test_dense_mask_or_bias_is_rejected(self):
     q = jnp.zeros((1, 16, 2, 8))
