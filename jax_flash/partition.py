@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -82,13 +83,13 @@ class Op:
       dims += [d for name, d in self.extras if name in _FLOAT_EXTRAS]
     return dims
 
-  def sharding_rule(self, *_):
+  def sharding_rule(self):
     """The Shardy rule: `b s (n g) d, b t n d, ... -> ...`."""
     groups = self.size["h"] // self.size["n"]
     # Query heads are K/V heads times groups; Shardy takes no size-1 part in
     # a compound factor, so MHA and MQA name the query heads on their own.
     heads = "(n g)" if self.size["n"] > 1 and groups > 1 else "n" if groups == 1 else "h"
-    unique = iter(range(1 << 30))
+    unique = itertools.count()  # a broadcast dimension's own factor
     factor = lambda d: (heads if d == "h" else d) if d else f"x{next(unique)}"
     dims_text = lambda dims: " ".join(factor(d) for d in dims)
     rule = (", ".join(map(dims_text, self.operand_dims())) + " -> "
