@@ -153,7 +153,7 @@ def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
   return row
 
 
-def longest(n: int, args, timing: Timing) -> dict:
+def longest(n: int, args) -> dict:
   """The longest sequence whose forward+backward fits on n devices (ring mode
   from 2 devices, plain flash_attention on one)."""
   mode = "ring" if n > 1 else None
@@ -193,7 +193,6 @@ def longest(n: int, args, timing: Timing) -> dict:
       row["fwdbwd_ms"] = time_calls([compiled], _arrays(shape, sharding, 0), once)[0] * 1e3
   except Exception as e:  # noqa: BLE001
     row["error"] = _error_text(e)
-  del timing
   return row
 
 
@@ -252,7 +251,7 @@ def main(argv=None):
       run_log.record(measure(n, mode, seq, args, timing))
   if args.longest:
     for n in counts:
-      run_log.record(longest(n, args, timing))
+      run_log.record(longest(n, args))
   run_log.finish(markdown, "bench_ring.py", argv)
 
 

@@ -17,17 +17,7 @@ import jax_flash
 import util
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-# Float32 products at float32 precision on every backend, so that the float32
-# cases are held to float32's error.
-_PRECISION = jax.default_matmul_precision("highest")
-
-
-def setUpModule():
-  _PRECISION.__enter__()
-
-
-def tearDownModule():
-  _PRECISION.__exit__(None, None, None)
+setUpModule, tearDownModule = util.pin_float32_precision()
 
 
 def sequence_mesh(n: int):
@@ -132,13 +122,6 @@ class RingMatchesReferenceTest(parameterized.TestCase):
                                   dout, dlse, causal=True)
 
 
-def packed_segments(seed, batch, length, documents):
-  """Sorted ids of `documents` documents of random lengths per batch row."""
-  cuts = jax.random.randint(jax.random.key(seed), (batch, documents - 1), 1, length)
-  return (jnp.arange(length)[None, :, None] >= jnp.sort(cuts)[:, None, :]).sum(
-      -1).astype(jnp.int32)
-
-
 VARIANTS = dict(
     window_causal=(True, lambda: dict(window_size=(9, 0))),
     window=(False, lambda: dict(window_size=(20, 5))),
@@ -146,9 +129,9 @@ VARIANTS = dict(
     alibi_causal=(True, lambda: dict(
         alibi_slopes=jax.random.uniform(jax.random.key(1), (4,), F32, 0.05, 0.5))),
     segments_causal=(True, lambda: dict(segment_ids=(
-        packed_segments(2, 2, 64, 4), packed_segments(2, 2, 64, 4)))),
+        util.packed_segments(2, 2, 64, 4), util.packed_segments(2, 2, 64, 4)))),
     segments_window=(False, lambda: dict(window_size=(12, 12), segment_ids=(
-        packed_segments(3, 2, 64, 3), packed_segments(3, 2, 64, 3)))),
+        util.packed_segments(3, 2, 64, 3), util.packed_segments(3, 2, 64, 3)))),
     softcap_alibi_window_causal=(True, lambda: dict(
         softcap=2.0, window_size=(30, None),
         alibi_slopes=jax.random.uniform(jax.random.key(4), (2, 4), F32, 0.05, 0.5))),

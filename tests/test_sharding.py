@@ -17,15 +17,7 @@ import jax_flash
 import util
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-_PRECISION = jax.default_matmul_precision("highest")
-
-
-def setUpModule():
-  _PRECISION.__enter__()
-
-
-def tearDownModule():
-  _PRECISION.__exit__(None, None, None)
+setUpModule, tearDownModule = util.pin_float32_precision()
 
 
 def mesh_2x4():

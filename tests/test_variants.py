@@ -22,17 +22,7 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 portable = functools.partial(jax_flash.flash_attention, implementation="xla")
 
 
-# Float32 products at float32 precision on every backend (GPUs default to
-# TF32), so that the float32 cases are held to float32's error there too.
-_PRECISION = jax.default_matmul_precision("highest")
-
-
-def setUpModule():
-  _PRECISION.__enter__()
-
-
-def tearDownModule():
-  _PRECISION.__exit__(None, None, None)
+setUpModule, tearDownModule = util.pin_float32_precision()
 
 
 def inputs(seed, dtype=F32, *, batch=2, seq_q=37, seq_k=53, num_heads=4,
@@ -42,20 +32,12 @@ def inputs(seed, dtype=F32, *, batch=2, seq_q=37, seq_k=53, num_heads=4,
                             head_dim=head_dim, dtype=dtype)
 
 
-def packed_segments(seed, batch, length, documents):
-  """Sorted ids of `documents` documents of random lengths per batch row."""
-  cuts = jax.random.randint(jax.random.key(seed), (batch, documents - 1), 1,
-                            length)
-  return (jnp.arange(length)[None, :, None] >= jnp.sort(cuts)[:, None, :]).sum(
-      -1).astype(jnp.int32)
-
-
 def variant_arrays(seed, batch, num_heads, seq_q, seq_k):
   keys = jax.random.split(jax.random.key(seed), 4)
   return dict(
       slopes=jax.random.uniform(keys[0], (num_heads,), F32, 0.05, 0.5),
-      q_ids=packed_segments(seed, batch, seq_q, 3),
-      kv_ids=packed_segments(seed + 1, batch, seq_k, 3),
+      q_ids=util.packed_segments(seed, batch, seq_q, 3),
+      kv_ids=util.packed_segments(seed + 1, batch, seq_k, 3),
       mask=jax.random.bernoulli(keys[1], 0.8, (batch, 1, seq_q, seq_k)),
       bias=jax.random.normal(keys[2], (num_heads, seq_q, seq_k), F32))
 

@@ -116,3 +116,18 @@ def mesh_devices():
   backend when it has several (GPUs), else the simulated CPU devices."""
   devices = jax.devices()
   return devices if len(devices) > 1 else jax.devices("cpu")
+
+
+def pin_float32_precision():
+  """(setUpModule, tearDownModule) for a test module whose float32 cases are
+  held to float32's error: float32 products at float32 precision on every
+  backend while it runs (GPUs default to TF32)."""
+  precision = jax.default_matmul_precision("highest")
+  return precision.__enter__, lambda: precision.__exit__(None, None, None)
+
+
+def packed_segments(seed, batch, length, documents):
+  """Sorted ids of `documents` documents of random lengths per batch row."""
+  cuts = jax.random.randint(jax.random.key(seed), (batch, documents - 1), 1, length)
+  return (jnp.arange(length)[None, :, None] >= jnp.sort(cuts)[:, None, :]).sum(
+      -1).astype(jnp.int32)
