@@ -30,6 +30,9 @@ struct FwdParams {
   int* tile_counter;
   float softmax_scale;
   bool causal;
+  // Keys before / after the diagonal a query sees, -1 for all (common/mask.cuh).
+  int window_left;
+  int window_right;
 };
 
 struct BwdParams {
@@ -52,6 +55,8 @@ struct BwdParams {
   int* dq_turns;
   float softmax_scale;
   bool causal;
+  int window_left;
+  int window_right;
 };
 
 inline constexpr int kDQTurnRows = 64;

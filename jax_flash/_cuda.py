@@ -184,8 +184,10 @@ def _pad_last(x, size):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
-def forward(q, k, v, *, softmax_scale: float, causal: bool):
-  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32."""
+def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1)):
+  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32. window: (left,
+  right) keys around the diagonal, -1 unbounded (a window runs the sm80
+  kernels)."""
   b, sq, h, d = q.shape
   dp = _padded_head_dim(d)
   # The third result is the persistent kernel's tile counter (workspace).
@@ -196,7 +198,8 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool):
        jax.ShapeDtypeStruct((1,), jnp.int32)),
       vmap_method="broadcast_all",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
-    softmax_scale=np.float32(softmax_scale), causal=bool(causal))
+    softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+    window_left=np.int32(window[0]), window_right=np.int32(window[1]))
   return _vary_like((out[..., :d], lse), (q, k, v))
 
 
@@ -206,7 +209,7 @@ _DQ_TURN_ROWS = 64
 
 
 def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool, deterministic: bool = False):
+             causal: bool, deterministic: bool = False, window=(-1, -1)):
   """dq, dk, dv with the shapes and dtypes of q, k, v."""
   b, sq, h, d = q.shape
   _, sk, hk, _ = k.shape
@@ -226,6 +229,7 @@ def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
   )(*[_pad_last(x, dp) for x in (q, k, v, out, dout)],
     lse.astype(f32), dlse.astype(f32),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+    window_left=np.int32(window[0]), window_right=np.int32(window[1]),
     deterministic=bool(deterministic))
   return _vary_like((dq[..., :d], dk[..., :d], dv[..., :d]),
                     (q, k, v, out, lse, dout, dlse))

@@ -19,6 +19,8 @@ from jax_flash import xla
 from jax_flash.variants import UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+# The variants the CUDA kernels run (on the sm80 family).
+_KERNEL_FEATURES = ("window_size",)
 IMPLEMENTATIONS = (None, "cuda", "xla")
 
 
@@ -113,10 +115,13 @@ class Plan:
   def in_frame(self, frame) -> "Plan":
     """This plan for a shard of a larger attention (`variants.Frame`); its
     extras then need "origin". Only the portable path reads frames."""
-    if self.backend != "xla":
-      raise AssertionError(f"a frame on the {self.backend!r} backend")
+    if self.backend == "cuda":
+      raise ValueError(
+          "flash_attention: implementation='cuda' cannot serve a shard of a larger "
+          f"attention with {', '.join(self.variant.features)} (its positions are "
+          "those of the whole; the portable path takes them)")
     return dataclasses.replace(
-        self, variant=dataclasses.replace(self.variant, frame=frame))
+        self, backend="xla", variant=dataclasses.replace(self.variant, frame=frame))
 
   def backward(self, q, k, v, out, lse, dout, dlse, extras):
     """dq, dk, dv and the cotangents of the float extras, from a given out and
@@ -136,7 +141,7 @@ def make_plan(query, key, value, *, causal=False, softmax_scale=None,
   softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
   variant, extras = _check_variant(query, key, causal=bool(causal), **variant_kwargs)
   # What the CUDA kernels cannot run yet: such calls take the portable path.
-  portable_only = variant.features
+  portable_only = tuple(f for f in variant.features if f not in _KERNEL_FEATURES)
   if value.shape[-1] != head_dim:
     portable_only += (f"value head_dim {value.shape[-1]} != query head_dim {head_dim}",)
   backend = _choose_backend(
@@ -405,8 +410,8 @@ def _compute(op: str, plan: Plan, arrays, extras):
   def portable(*arrays):
     return getattr(xla, op)(*arrays, extras, variant=plan.variant, **static)
 
-  def kernels(*arrays):  # plain attention only: no extras
-    results = getattr(_cuda, op)(*arrays, **static)
+  def kernels(*arrays):  # windows only: no extras
+    results = getattr(_cuda, op)(*arrays, window=plan.variant.window, **static)
     return (*results, {}) if op == "backward" else results
 
   if plan.backend == "auto":

@@ -103,14 +103,25 @@ ffi::Error not_compiled(const AttentionShape& s) {
                  " and this dtype in this build (see JAX_FLASH_HEAD_DIMS / JAX_FLASH_DTYPES)");
 }
 
-// The launcher of the best kernel family for this device that has the configuration.
+// The launcher of the best kernel family for this device that has the
+// configuration. Windows run on the sm80 family only (the sm90 kernels do not
+// take them).
 template <typename Launcher, typename Find>
-Launcher pick(Find find, DType dtype, int head_dim) {
+Launcher pick(Find find, DType dtype, int head_dim, bool windowed) {
   Arch archs[kNumArchs];
   const int n = preferred_archs(archs);
-  for (int i = 0; i < n; ++i)
+  for (int i = 0; i < n; ++i) {
+    if (windowed && archs[i] != Arch::kSm80) continue;
     if (Launcher launch = find(archs[i], dtype, head_dim)) return launch;
+  }
   return nullptr;
+}
+
+ffi::Error check_window(int32_t left, int32_t right, bool causal) {
+  if (left < -1 || right < -1)
+    return invalid("window sides must be >= 0, or -1 for unbounded");
+  if (causal && right > 0) return invalid("a causal window's right side must be 0 or -1");
+  return ffi::Error::Success();
 }
 
 ffi::Error launched(cudaError_t err) {
@@ -121,7 +132,8 @@ ffi::Error launched(cudaError_t err) {
 }
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   float softmax_scale, bool causal, ffi::Result<ffi::AnyBuffer> out,
+                   float softmax_scale, bool causal, int32_t window_left,
+                   int32_t window_right, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    ffi::Result<ffi::Buffer<ffi::S32>> tile_counter) {
   AttentionShape shape;
@@ -135,18 +147,20 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (tile_counter->element_count() < 1)
     return invalid("tile_counter must have an element, got " +
                    dims_str(tile_counter->dimensions()));
-  const FwdLauncher launch = pick<FwdLauncher>(find_fwd, dtype, shape.head_dim);
+  if (auto err = check_window(window_left, window_right, causal); err.failure()) return err;
+  const bool windowed = window_left >= 0 || (!causal && window_right >= 0);
+  const FwdLauncher launch = pick<FwdLauncher>(find_fwd, dtype, shape.head_dim, windowed);
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
-              softmax_scale, causal};
+              softmax_scale, causal, window_left, window_right};
   return launched(launch(p, stream));
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> dlse, float softmax_scale, bool causal,
-                   bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
+                   int32_t window_left, int32_t window_right, bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
                    ffi::Result<ffi::Buffer<ffi::F32>> delta,
@@ -170,7 +184,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
       int64_t(shape.batch) * shape.heads * turn_blocks)
     return invalid("dq_turns must be [..., heads, ceil(seq_q / " + std::to_string(kDQTurnRows) +
                    ")], got " + dims_str(dq_turns->dimensions()));
-  const BwdLauncher launch = pick<BwdLauncher>(find_bwd, dtype, shape.head_dim);
+  if (auto err = check_window(window_left, window_right, causal); err.failure()) return err;
+  const bool windowed = window_left >= 0 || (!causal && window_right >= 0);
+  const BwdLauncher launch = pick<BwdLauncher>(find_bwd, dtype, shape.head_dim, windowed);
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),
@@ -187,7 +203,9 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               delta->typed_data(),
               deterministic ? dq_turns->typed_data() : nullptr,
               softmax_scale,
-              causal};
+              causal,
+              window_left,
+              window_right};
   return launched(launch(p, stream));
 }
 
@@ -202,6 +220,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
+                                  .Attr<int32_t>("window_left")
+                                  .Attr<int32_t>("window_right")
                                   .Ret<ffi::AnyBuffer>()            // out
                                   .Ret<ffi::Buffer<ffi::F32>>()     // lse
                                   .Ret<ffi::Buffer<ffi::S32>>(),    // tile_counter workspace
@@ -219,6 +239,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
+                                  .Attr<int32_t>("window_left")
+                                  .Attr<int32_t>("window_right")
                                   .Attr<bool>("deterministic")
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk

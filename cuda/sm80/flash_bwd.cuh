@@ -84,15 +84,17 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int n_block = bi.tile, kv_head = bi.head, batch = bi.batch;
   const int n0 = n_block * kBlockN;
   const int group = sh.heads / sh.kv_heads;
-  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const AttentionMask mask = AttentionMask::of(p);
 
   const int64_t q_row_stride = int64_t(sh.heads) * kD;
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
   const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
   const float scale_log2 = p.softmax_scale * kLog2e;
 
+  // Query blocks [m_begin, m_begin + m_count) hold the queries that see these keys.
   const int m_begin = mask.first_query(n0) / kBlockM;
-  const int m_count = (sh.seq_q + kBlockM - 1) / kBlockM - m_begin;
+  const int m_count =
+      max(0, (mask.query_end(n0, kBlockN) + kBlockM - 1) / kBlockM - m_begin);
   const int steps = group * m_count;
 
   // Step -> (query head, first query row).
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     dpt.zero();
     gemm_ss<T, false, false, kD>(st, sK, s_m0, sQ(s), s_n0, lane);
     gemm_ss<T, false, false, kD>(dpt, sV, s_m0, sdO(s), s_n0, lane);
-    const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
+    const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN);
     const float* lse = sLse(s);
     const float* delta = sDelta(s);
     // The mask in a loop of its own: a branch between exponentials makes each
@@ -194,7 +196,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                       q_n0 + K::AccQ::col(0, 0, lane);
     const DQTurns turns(p, batch, head, m0);
     if (turns.counter != nullptr) {
-      if (tid == 0) turns.wait(n_block);
+      // The first key block that reaches this query block takes turn 0.
+      if (tid == 0) turns.wait(n_block - mask.key_begin(m0) / kBlockN);
       __syncthreads();
     }
 #pragma unroll

@@ -4,7 +4,7 @@
 // stream through single buffers, each loaded while the other is consumed (V during
 // QK^T and softmax, the next K during PV). Key blocks are visited from last to
 // first so that the ones needing a mask (the causal diagonal, the ragged end) come
-// first and the rest run unmasked. P never leaves registers; the output is
+// first and the rest run unmasked; under a window only the blocks it reaches. P never leaves registers; the output is
 // normalized once at the end and O and lse are written once.
 #pragma once
 
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   const int kv_head = head / (sh.heads / sh.kv_heads);
   const int m0 = m_block * kBlockM;
   const int warp_m0 = warp * K::kWarpRows;
-  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const AttentionMask mask = AttentionMask::of(p);
 
   const int64_t q_row_stride = int64_t(sh.heads) * kD;
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
@@ -67,6 +67,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   T* out = static_cast<T*>(p.out) + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
   float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
 
+  // Key blocks [n_begin, n_blocks) hold the keys these queries see.
+  const int n_begin = mask.key_begin(m0) / kBlockN;
   const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
@@ -74,13 +76,13 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   o.zero();
   OnlineSoftmax<K::kMT> softmax;
 
-  if (n_blocks > 0) {
+  if (n_blocks > n_begin) {
     load_tile_async<kThreads>(sQ, q, q_row_stride, sh.seq_q - m0, tid);
     int n = n_blocks - 1;
     load_tile_async<kThreads>(sK, k + n * kBlockN * kv_row_stride, kv_row_stride,
                               sh.seq_k - n * kBlockN, tid);
     cp_async_commit();
-    for (; n >= 0; --n) {
+    for (; n >= n_begin; --n) {
       const int n0 = n * kBlockN;
       cp_async_wait<0>();
       __syncthreads();  // K[n] landed; every warp is done with V[n+1]
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
       typename K::AccS s;
       s.zero();
       gemm_ss<T, false, false, kD>(s, sQ, warp_m0, sK, 0, lane);
-      if (mask.tile_needs_mask(m0 + warp_m0, n0, kBlockN))
+      if (mask.tile_needs_mask(m0 + warp_m0, K::kWarpRows, n0, kBlockN))
         mask_scores(s, mask, m0 + warp_m0, n0, lane);
       softmax.update(s, o, scale_log2);
       uint32_t p_frags[K::kMT][kBlockN / 16][4];
@@ -98,7 +100,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 
       cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
-      if (n > 0) {
+      if (n > n_begin) {
         load_tile_async<kThreads>(sK, k + (n0 - kBlockN) * kv_row_stride, kv_row_stride,
                                   sh.seq_k - (n0 - kBlockN), tid);
         cp_async_commit();

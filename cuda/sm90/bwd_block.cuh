@@ -37,7 +37,7 @@ struct BwdWalk {
     n0 = bi.tile * block_n;
     block_m = block_m_;
     group = sh.heads / sh.kv_heads;
-    const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+    const AttentionMask mask = AttentionMask::of(p);
     m_begin = mask.first_query(n0) / block_m;
     m_count = (sh.seq_q + block_m - 1) / block_m - m_begin;
     steps = group * m_count;

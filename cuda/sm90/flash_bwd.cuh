@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const BlockIndex bi = K::order(p).block();
   const BwdWalk walk(p, bi, kBlockM, kBlockN);
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
-  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const AttentionMask mask = AttentionMask::of(p);
 
   if (tid == 0) {
     if (sm.base + K::kUsedBytes > smem_u32(smem_raw) + K::kSmemBytes) __trap();
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     turns.pass();
 
     // P^T while dP^T is still being computed.
-    const bool need_mask = mask.tile_needs_mask(m0, n0, kBlockN);
+    const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN);
     wgmma_wait<1>();
     pin_registers(st_regs);
     if constexpr (K::kStatsInRegisters) {

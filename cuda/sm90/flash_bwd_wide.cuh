@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   const BlockIndex bi = K::order(p).block();
   const BwdWalk walk(p, bi, kBlockM, kBlockN);
   const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
-  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const AttentionMask mask = AttentionMask::of(p);
 
   if (tid == 0) sm.init_barriers();
   __syncthreads();
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         st.x[0][nt][i] = fast_exp2(fmaf(st.x[0][nt][i], scale_log2, -lse[i >> 1]));
-    if (mask.tile_needs_mask(m0, n0, kBlockN)) {
+    if (mask.tile_needs_mask(m0, kBlockM, n0, kBlockN)) {
 #pragma unroll
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll

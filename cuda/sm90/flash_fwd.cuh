@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
   const TileOrder order = K::order(p);
-  const AttentionMask mask{sh.seq_q, sh.seq_k, p.causal};
+  const AttentionMask mask = AttentionMask::of(p);
   auto key_blocks = [&](int m0) { return (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN; };
   // Tiles end at the last query, so that a length that is not a multiple of
   // kBlockM leaves its rows before 0 in the first tile (Q reads them as zeros;
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     // reads p_frags any more.
     auto softmax_step = [&](int i) {
       const int n0 = (n_blocks - 1 - i) * kBlockN;
-      if (mask.tile_needs_mask(m0 + warp_row0, n0, kBlockN))
+      if (mask.tile_needs_mask(m0 + warp_row0, 64, n0, kBlockN))
         mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
       softmax.update_scores(acc_s, scale_log2, alpha);
     };
