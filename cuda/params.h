@@ -33,6 +33,7 @@ struct FwdParams {
   // Keys before / after the diagonal a query sees, -1 for all (common/mask.cuh).
   int window_left;
   int window_right;
+  float softcap;  // 0: none (common/softcap.cuh)
 };
 
 struct BwdParams {
@@ -57,6 +58,7 @@ struct BwdParams {
   bool causal;
   int window_left;
   int window_right;
+  float softcap;
 };
 
 inline constexpr int kDQTurnRows = 64;

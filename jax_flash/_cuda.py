@@ -184,10 +184,11 @@ def _pad_last(x, size):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
-def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1)):
+def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1),
+            softcap: float = 0.0):
   """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32. window: (left,
-  right) keys around the diagonal, -1 unbounded (a window runs the sm80
-  kernels)."""
+  right) keys around the diagonal, -1 unbounded; softcap: 0 for none (either
+  runs the sm80 kernels)."""
   b, sq, h, d = q.shape
   dp = _padded_head_dim(d)
   # The third result is the persistent kernel's tile counter (workspace).
@@ -199,7 +200,8 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1)):
       vmap_method="broadcast_all",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-    window_left=np.int32(window[0]), window_right=np.int32(window[1]))
+    window_left=np.int32(window[0]), window_right=np.int32(window[1]),
+    softcap=np.float32(softcap))
   return _vary_like((out[..., :d], lse), (q, k, v))
 
 
@@ -209,7 +211,8 @@ _DQ_TURN_ROWS = 64
 
 
 def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool, deterministic: bool = False, window=(-1, -1)):
+             causal: bool, deterministic: bool = False, window=(-1, -1),
+             softcap: float = 0.0):
   """dq, dk, dv with the shapes and dtypes of q, k, v."""
   b, sq, h, d = q.shape
   _, sk, hk, _ = k.shape
@@ -230,6 +233,6 @@ def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
     lse.astype(f32), dlse.astype(f32),
     softmax_scale=np.float32(softmax_scale), causal=bool(causal),
     window_left=np.int32(window[0]), window_right=np.int32(window[1]),
-    deterministic=bool(deterministic))
+    softcap=np.float32(softcap), deterministic=bool(deterministic))
   return _vary_like((dq[..., :d], dk[..., :d], dv[..., :d]),
                     (q, k, v, out, lse, dout, dlse))

@@ -20,7 +20,7 @@ from jax_flash.variants import UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # The variants the CUDA kernels run (on the sm80 family).
-_KERNEL_FEATURES = ("window_size",)
+_KERNEL_FEATURES = ("window_size", "softcap")
 IMPLEMENTATIONS = (None, "cuda", "xla")
 
 
@@ -410,8 +410,9 @@ def _compute(op: str, plan: Plan, arrays, extras):
   def portable(*arrays):
     return getattr(xla, op)(*arrays, extras, variant=plan.variant, **static)
 
-  def kernels(*arrays):  # windows only: no extras
-    results = getattr(_cuda, op)(*arrays, window=plan.variant.window, **static)
+  def kernels(*arrays):  # windows and the soft cap only: no extras
+    results = getattr(_cuda, op)(*arrays, window=plan.variant.window,
+                                 softcap=plan.variant.softcap, **static)
     return (*results, {}) if op == "backward" else results
 
   if plan.backend == "auto":

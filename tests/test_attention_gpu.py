@@ -208,8 +208,8 @@ class CudaMatchesReferenceTest(parameterized.TestCase):
 
 @_needs_cuda
 class CudaWindowTest(parameterized.TestCase):
-  """Sliding windows on the kernels (the sm80 family on every GPU): only the
-  key blocks a window reaches are visited, in both passes."""
+  """Sliding windows and the soft cap on the kernels (the sm80 family on every
+  GPU): only the key blocks a window reaches are visited, in both passes."""
 
   @parameterized.named_parameters(
       ("_d64_causal_left", 64, True, 1000, 1000, (128, 0), 4, 2, "bf16"),
@@ -225,6 +225,20 @@ class CudaWindowTest(parameterized.TestCase):
                                   head_dim=head_dim, dtype=_DTYPES[dtype])
     util.assert_matches_reference(cuda_attention, q, k, v, dout, dlse, causal=causal,
                                   window_size=window)
+
+  @parameterized.named_parameters(
+      ("_d64_causal_gqa", 64, True, 1000, 1000, None, "bf16"),
+      ("_d128_full_window", 128, False, 777, 1300, (150, 150), "f16"),
+      ("_d256_causal", 256, True, 515, 300, None, "bf16"),
+  )
+  def test_soft_cap_matches_reference(self, head_dim, causal, seq_q, seq_k, window, dtype):
+    q, k, v, dout, dlse = _inputs(self.id(), batch=2, seq_q=seq_q, seq_k=seq_k,
+                                  num_heads=4, num_kv_heads=2, head_dim=head_dim,
+                                  dtype=_DTYPES[dtype])
+    # Scores of normal inputs reach ~4 sqrt(head_dim) / sqrt(head_dim): a cap of 2
+    # bends most of them.
+    util.assert_matches_reference(cuda_attention, q, k, v, dout, dlse, causal=causal,
+                                  window_size=window, softcap=2.0)
 
   def test_deterministic_windowed_backward_is_bitwise_repeatable(self):
     q, k, v, dout, dlse = _inputs(self.id(), batch=1, seq_q=1100, seq_k=1100,

@@ -354,27 +354,30 @@ class VariantArgumentsTest(parameterized.TestCase):
     q, k, v, _, _ = inputs(16, BF16)
     with mock.patch.object(_cuda, "unavailable_reason", return_value=""), \
          mock.patch.object(_cuda, "unsupported_reason", return_value=""):
-      with self.assertRaisesRegex(ValueError, "softcap, alibi_slopes"):
+      with self.assertRaisesRegex(ValueError, "alibi_slopes, segment_ids"):
         jax_flash.flash_attention(q, k, v, implementation="cuda", window_size=(4, 4),
-                                  softcap=2.0, alibi_slopes=jnp.ones(4))
+                                  softcap=2.0, alibi_slopes=jnp.ones(4),
+                                  segment_ids=(jnp.zeros((2, 37), jnp.int32),
+                                               jnp.zeros((2, 53), jnp.int32)))
 
   def test_variants_choose_the_portable_path_on_cuda(self):
     q, k, v, _, _ = inputs(17, BF16)
     with mock.patch.object(_cuda, "library_loaded", return_value=True):
       text = jax.jit(functools.partial(
-          jax_flash.flash_attention, softcap=3.0)).trace(q, k, v).lower(
+          jax_flash.flash_attention, alibi_slopes=jnp.ones(4))).trace(q, k, v).lower(
               lowering_platforms=("cuda",)).as_text()
     self.assertNotIn("jax_flash_fwd", text)
 
-  def test_windows_run_on_the_kernels_with_their_bounds(self):
+  def test_windows_and_the_soft_cap_run_on_the_kernels(self):
     q, k, v, _, _ = inputs(18, BF16)
     with mock.patch.object(_cuda, "library_loaded", return_value=True):
       text = jax.jit(functools.partial(
-          jax_flash.flash_attention, window_size=(8, 3))).trace(q, k, v).lower(
-              lowering_platforms=("cuda",)).as_text()
+          jax_flash.flash_attention, window_size=(8, 3), softcap=2.5)).trace(
+              q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("jax_flash_fwd", text)
     self.assertIn("window_left = 8 : i32", text)
     self.assertIn("window_right = 3 : i32", text)
+    self.assertIn("softcap = 2.500000e+00 : f32", text)
 
 
 if __name__ == "__main__":

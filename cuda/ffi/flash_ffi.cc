@@ -104,24 +104,30 @@ ffi::Error not_compiled(const AttentionShape& s) {
 }
 
 // The launcher of the best kernel family for this device that has the
-// configuration. Windows run on the sm80 family only (the sm90 kernels do not
-// take them).
+// configuration. Windows and the soft cap run on the sm80 family only (the
+// sm90 kernels do not take them).
 template <typename Launcher, typename Find>
-Launcher pick(Find find, DType dtype, int head_dim, bool windowed) {
+Launcher pick(Find find, DType dtype, int head_dim, bool sm80_only) {
   Arch archs[kNumArchs];
   const int n = preferred_archs(archs);
   for (int i = 0; i < n; ++i) {
-    if (windowed && archs[i] != Arch::kSm80) continue;
+    if (sm80_only && archs[i] != Arch::kSm80) continue;
     if (Launcher launch = find(archs[i], dtype, head_dim)) return launch;
   }
   return nullptr;
 }
 
-ffi::Error check_window(int32_t left, int32_t right, bool causal) {
+ffi::Error check_variant(int32_t left, int32_t right, bool causal, float softcap) {
   if (left < -1 || right < -1)
     return invalid("window sides must be >= 0, or -1 for unbounded");
   if (causal && right > 0) return invalid("a causal window's right side must be 0 or -1");
+  if (!(softcap >= 0.f)) return invalid("softcap must be >= 0 (0: none)");
   return ffi::Error::Success();
+}
+
+// Whether the call asks for what only the sm80 kernels run.
+bool sm80_only(int32_t left, int32_t right, bool causal, float softcap) {
+  return left >= 0 || (!causal && right >= 0) || softcap > 0.f;
 }
 
 ffi::Error launched(cudaError_t err) {
@@ -133,7 +139,7 @@ ffi::Error launched(cudaError_t err) {
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    float softmax_scale, bool causal, int32_t window_left,
-                   int32_t window_right, ffi::Result<ffi::AnyBuffer> out,
+                   int32_t window_right, float softcap, ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    ffi::Result<ffi::Buffer<ffi::S32>> tile_counter) {
   AttentionShape shape;
@@ -147,20 +153,22 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   if (tile_counter->element_count() < 1)
     return invalid("tile_counter must have an element, got " +
                    dims_str(tile_counter->dimensions()));
-  if (auto err = check_window(window_left, window_right, causal); err.failure()) return err;
-  const bool windowed = window_left >= 0 || (!causal && window_right >= 0);
-  const FwdLauncher launch = pick<FwdLauncher>(find_fwd, dtype, shape.head_dim, windowed);
+  if (auto err = check_variant(window_left, window_right, causal, softcap); err.failure())
+    return err;
+  const FwdLauncher launch = pick<FwdLauncher>(
+      find_fwd, dtype, shape.head_dim, sm80_only(window_left, window_right, causal, softcap));
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
-              softmax_scale, causal, window_left, window_right};
+              softmax_scale, causal, window_left, window_right, softcap};
   return launched(launch(p, stream));
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                    ffi::Buffer<ffi::F32> dlse, float softmax_scale, bool causal,
-                   int32_t window_left, int32_t window_right, bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
+                   int32_t window_left, int32_t window_right, float softcap,
+                   bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
                    ffi::Result<ffi::Buffer<ffi::F32>> delta,
@@ -184,9 +192,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
       int64_t(shape.batch) * shape.heads * turn_blocks)
     return invalid("dq_turns must be [..., heads, ceil(seq_q / " + std::to_string(kDQTurnRows) +
                    ")], got " + dims_str(dq_turns->dimensions()));
-  if (auto err = check_window(window_left, window_right, causal); err.failure()) return err;
-  const bool windowed = window_left >= 0 || (!causal && window_right >= 0);
-  const BwdLauncher launch = pick<BwdLauncher>(find_bwd, dtype, shape.head_dim, windowed);
+  if (auto err = check_variant(window_left, window_right, causal, softcap); err.failure())
+    return err;
+  const BwdLauncher launch = pick<BwdLauncher>(
+      find_bwd, dtype, shape.head_dim, sm80_only(window_left, window_right, causal, softcap));
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),
@@ -205,7 +214,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               softmax_scale,
               causal,
               window_left,
-              window_right};
+              window_right,
+              softcap};
   return launched(launch(p, stream));
 }
 
@@ -222,6 +232,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
                                   .Attr<int32_t>("window_right")
+                                  .Attr<float>("softcap")
                                   .Ret<ffi::AnyBuffer>()            // out
                                   .Ret<ffi::Buffer<ffi::F32>>()     // lse
                                   .Ret<ffi::Buffer<ffi::S32>>(),    // tile_counter workspace
@@ -241,6 +252,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
                                   .Attr<int32_t>("window_right")
+                                  .Attr<float>("softcap")
                                   .Attr<bool>("deterministic")
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk

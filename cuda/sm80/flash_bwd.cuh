@@ -20,6 +20,7 @@
 #include "../common/bwd_passes.cuh"
 #include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
+#include "../common/softcap.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
 #include "tile_sizes.h"
@@ -89,7 +90,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int64_t q_row_stride = int64_t(sh.heads) * kD;
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
   const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const SoftCap softcap = SoftCap::of(p);
+  const float scale_log2 = softcap.softmax_scale(p.softmax_scale) * kLog2e;
 
   // Query blocks [m_begin, m_begin + m_count) hold the queries that see these keys.
   const int m_begin = mask.first_query(n0) / kBlockM;
@@ -165,9 +167,15 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int query = s_n0 + K::AccS::col(nt, i, lane);
-          const float pv = fast_exp2(fmaf(st.x[mt][nt][i], scale_log2, -lse[query]));
+          float score = st.x[mt][nt][i], slope = 1.f;
+          if (softcap.on()) {
+            const float t = tanhf(score * softcap.inner);
+            score = softcap.cap * t;
+            slope = 1.f - t * t;
+          }
+          const float pv = fast_exp2(fmaf(score, scale_log2, -lse[query]));
           st.x[mt][nt][i] = pv;
-          dpt.x[mt][nt][i] = pv * (dpt.x[mt][nt][i] - delta[query]);
+          dpt.x[mt][nt][i] = pv * (dpt.x[mt][nt][i] - delta[query]) * slope;
         }
     if (need_mask) {
 #pragma unroll

@@ -12,6 +12,7 @@
 
 #include "../common/block_order.cuh"
 #include "../common/mask.cuh"
+#include "../common/softcap.cuh"
 #include "../common/softmax.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -70,7 +71,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   // Key blocks [n_begin, n_blocks) hold the keys these queries see.
   const int n_begin = mask.key_begin(m0) / kBlockN;
   const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const SoftCap softcap = SoftCap::of(p);
+  const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
+  const float scale_log2 = softmax_scale * 1.4426950408889634f;
 
   typename K::AccO o;
   o.zero();
@@ -92,6 +95,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
       typename K::AccS s;
       s.zero();
       gemm_ss<T, false, false, kD>(s, sQ, warp_m0, sK, 0, lane);
+      if (softcap.on()) softcap.apply(s);  // before the mask: tanh(-inf) is -1
       if (mask.tile_needs_mask(m0 + warp_m0, K::kWarpRows, n0, kBlockN))
         mask_scores(s, mask, m0 + warp_m0, n0, lane);
       softmax.update(s, o, scale_log2);
@@ -110,7 +114,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   }
 
   float lse[K::kMT][2];
-  softmax.finalize(o, p.softmax_scale, lse);
+  softmax.finalize(o, softmax_scale, lse);
 
   // Epilogue: each thread writes its pairs of columns straight to global memory.
 #pragma unroll
