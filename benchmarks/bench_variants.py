@@ -3,8 +3,9 @@
   cost     each variant (window, softcap, ALiBi, segment ids, dropout, bias,
            mask) against plain causal attention at one shape, jax_flash and,
            where it has the variant, cuDNN (`jax.nn.dot_product_attention`)
-  window   a fixed causal window as the sequence grows at constant tokens per
-           batch: time per token stays flat when blocks outside it are skipped
+  scaling  a fixed causal window, and packed documents of a fixed length, as
+           the sequence grows at constant tokens per batch: the time stays flat
+           when the blocks outside the window or between documents are skipped
   packing  one row of documents packed with segment ids against the same
            documents as a batch (jax_flash, and cuDNN with sequence lengths)
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import sys
 import time
@@ -33,12 +35,13 @@ from bench_attention import (  # noqa: E402
     Timing, _error_text, add_run_arguments, start_run, step_fn, time_calls)
 
 MODES = ("fwd", "fwdbwd")
+SECTIONS = ("cost", "scaling", "packing")
 
 
 def documents(batch: int, length: int, count: int):
   """Segment ids [batch, length] of `count` equal documents per row."""
-  return jnp.repeat(jnp.arange(count, dtype=jnp.int32), length // count)[None].repeat(
-      batch, axis=0)
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) // (length // count),
+                          (batch, length))
 
 
 def cost_peers(name: str, shape: dict, window: int, docs: int):
@@ -106,7 +109,7 @@ def run(args, timing: Timing, record):
   d, h = args.head_dim, args.heads
   shape = dict(batch=max(1, args.tokens // args.seq), seq=args.seq, heads=h)
   qkv = inputs(shape["batch"], args.seq, h, d, dtype)
-  for name in ("plain", "window", "softcap", "alibi", "segments", "dropout",
+  for name in () if "cost" not in args.sections else ("plain", "window", "softcap", "alibi", "segments", "dropout",
                "bias", "mask"):
     for mode in args.modes:
       for row in measure_row("cost", name, cost_peers(name, shape, args.window,
@@ -114,21 +117,23 @@ def run(args, timing: Timing, record):
                              qkv, mode, timing, **shape):
         record(row)
 
-  for seq in args.window_seqs:
+  for seq in args.window_seqs if "scaling" in args.sections else ():
     batch = max(1, args.tokens // seq)
     qkv = inputs(batch, seq, h, d, dtype, seed=seq)
     flash = functools.partial(jax_flash.flash_attention, causal=True)
+    ids = documents(batch, seq, seq // args.window)
     peers = {"jax_flash": functools.partial(flash, window_size=(args.window, 0)),
              "cudnn": functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                         implementation="cudnn",
                                         local_window_size=(args.window, 0)),
+             "jax_flash_packed": functools.partial(flash, segment_ids=(ids, ids)),
              "jax_flash_causal": flash}
     for mode in args.modes:
-      for row in measure_row("window", f"seq {seq}", peers, qkv, mode, timing,
+      for row in measure_row("scaling", f"seq {seq}", peers, qkv, mode, timing,
                              seq=seq, batch=batch, heads=h):
         record(row)
 
-  for count in args.documents:
+  for count in args.documents if "packing" in args.sections else ():
     length = args.seq // count
     packed = inputs(1, args.seq, h, d, dtype, seed=count)
     apart = tuple(x.reshape(count, length, h, d) for x in packed)
@@ -155,11 +160,18 @@ def markdown(rows, command: str, seconds: float) -> str:
          f"Command: `{command}`  ",
          f"jax {jax.__version__}, bf16, causal; ms = median time of one call (fwd) or of "
          "one forward and backward (fwdbwd); x plain = over the same peer's plain "
-         f"causal attention in the cost section. Took {seconds:.0f} s.", ""]
+         f"causal attention in the cost section. Took {seconds:.0f} s.", "",
+         "jax_flash runs windows, soft cap, ALiBi, segment ids and dropout on its sm80 "
+         "kernel family on every GPU (on Hopper the dispatcher falls back to it from the "
+         "sm90 family, which plain attention uses); mask and bias on its portable path."
+         + (" This run forced the sm80 family for every call (JAX_FLASH_KERNELS=sm80)."
+            if os.environ.get("JAX_FLASH_KERNELS") == "sm80" else ""), ""]
   cell = lambda r: ("OOM" if "RESOURCE_EXHAUSTED" in r["error"] else "err") \
       if "error" in r else f"{r['ms']:.2f}"
   for section, title in (("cost", "What each variant costs"),
-                         ("window", "A fixed window as the sequence grows (constant tokens)"),
+                         ("scaling", "A fixed window (jax_flash, cudnn) and documents "
+                          "of the window's length (jax_flash_packed) as the sequence grows, "
+                          "at constant tokens"),
                          ("packing", "Packed documents against the same documents apart")):
     part = [r for r in rows if r["section"] == section]
     if not part:
@@ -189,12 +201,15 @@ def main(argv=None):
   p.add_argument("--tokens", type=int, default=16384, help="tokens per batch")
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--head-dim", type=int, default=128)
-  p.add_argument("--window", type=int, default=1024, help="left window, causal")
+  p.add_argument("--window", type=int, default=1024,
+                 help="left window, causal; also the document length in the scaling section")
   p.add_argument("--window-seqs", type=lambda s: [int(x) for x in s.split(",")],
                  default=[4096, 8192, 16384, 32768])
   p.add_argument("--documents", type=lambda s: [int(x) for x in s.split(",")],
                  default=[4, 16, 64])
   p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+  p.add_argument("--sections", type=lambda s: s.split(","), default=list(SECTIONS),
+                 help="of " + ", ".join(SECTIONS))
   add_run_arguments(p)
   args = p.parse_args(argv)
   timing, run_log = start_run(args, "variants")

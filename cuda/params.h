@@ -9,6 +9,28 @@ namespace jax_flash {
 
 enum class DType { kF16, kBF16 };
 
+// Rows per entry of a segment-id range table (common/segments.cuh).
+inline constexpr int kSegmentGranule = 64;
+
+// Packed documents: a query sees only keys of its own segment (nullptr: none).
+// The range tables hold, per kSegmentGranule consecutive positions, the
+// smallest and the largest id, the largest id up to there and the smallest id
+// from there on, so a kernel tells from a few loads whether two blocks can
+// share a segment and where the blocks that can begin and end.
+struct SegmentIds {
+  const int* q_ids;      // [batch, seq_q]
+  const int* kv_ids;     // [batch, seq_k]
+  const int* q_ranges;   // [batch, ceil(seq_q / kSegmentGranule), 4]
+  const int* kv_ranges;  // [batch, ceil(seq_k / kSegmentGranule), 4]
+};
+
+// Dropout on the probabilities (common/dropout.cuh); seed == nullptr: none.
+struct DropoutParams {
+  const uint32_t* seed;  // [2]: the Philox key
+  uint32_t threshold;    // a Philox word below it drops its entry
+  float scale;           // 1 / (1 - rate), for the kept entries
+};
+
 struct AttentionShape {
   int batch;
   int seq_q;
@@ -34,6 +56,9 @@ struct FwdParams {
   int window_left;
   int window_right;
   float softcap;  // 0: none (common/softcap.cuh)
+  SegmentIds segments;
+  const float* alibi_slopes;  // [batch, heads] (common/alibi.cuh); nullptr: none
+  DropoutParams dropout;
 };
 
 struct BwdParams {
@@ -59,8 +84,18 @@ struct BwdParams {
   int window_left;
   int window_right;
   float softcap;
+  SegmentIds segments;
+  const float* alibi_slopes;
+  float* dalibi_slopes;  // [batch, heads], zeroed by the preprocess pass; with alibi_slopes
+  DropoutParams dropout;
 };
 
 inline constexpr int kDQTurnRows = 64;
+
+// Whether a call reads segment ids, ALiBi slopes or a dropout seed.
+template <typename Params>
+inline bool uses_variant_arrays(const Params& p) {
+  return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr || p.dropout.seed != nullptr;
+}
 
 }  // namespace jax_flash

@@ -19,9 +19,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
+from jax_flash import dropout as dropout_lib
 from jax_flash import xla
+from jax_flash.variants import Variant
 
 # Head dims the kernels are compiled for; other sizes are zero-padded to the next
 # one (zero columns change neither q.k nor the output of the real columns).
@@ -184,13 +187,57 @@ def _pad_last(x, size):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
 
 
-def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1),
-            softcap: float = 0.0):
-  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32. window: (left,
-  right) keys around the diagonal, -1 unbounded; softcap: 0 for none (either
-  runs the sm80 kernels)."""
+# Positions per entry of the segment-id range tables (cuda/params.h agrees).
+_SEGMENT_GRANULE = 64
+
+
+def _segment_ranges(ids):
+  """[b, ceil(s / granule), 4] int32: per granule of positions the smallest
+  and the largest id, the largest id up to its end and the smallest from its
+  start on (cuda/common/segments.cuh). Edge padding keeps the last granule's
+  range that of its real positions."""
+  b, s = ids.shape
+  n = -(-s // _SEGMENT_GRANULE)
+  ids = jnp.pad(ids, [(0, 0), (0, n * _SEGMENT_GRANULE - s)], mode="edge")
+  ids = ids.reshape(b, n, _SEGMENT_GRANULE)
+  lo, hi = ids.min(axis=-1), ids.max(axis=-1)
+  return jnp.stack([lo, hi, lax.cummax(hi, axis=1),
+                    lax.cummin(lo, axis=1, reverse=True)], axis=-1)
+
+
+def _variant_operands(variant: Variant, extras, batch: int, heads: int):
+  """The kernels' variant arrays (each empty when unused) and attributes."""
+  none_i32 = jnp.zeros((0,), jnp.int32)
+  segments = [none_i32] * 4
+  if variant.segments:
+    q_ids, kv_ids = (extras[n].astype(jnp.int32)
+                     for n in ("q_segment_ids", "kv_segment_ids"))
+    segments = [q_ids, kv_ids, _segment_ranges(q_ids), _segment_ranges(kv_ids)]
+  slopes = jnp.zeros((0,), jnp.float32)
+  if variant.alibi:
+    slopes = jnp.broadcast_to(extras["alibi_slopes"].astype(jnp.float32),
+                              (batch, heads))
+  seed, threshold, scale = jnp.zeros((0,), jnp.uint32), 0, 0.0
+  if variant.dropout_rate:
+    seed = extras["dropout_seed"].astype(jnp.uint32)
+    threshold = dropout_lib.threshold(variant.dropout_rate)
+    scale = 1 / (1 - variant.dropout_rate)
+  attrs = dict(window_left=np.int32(variant.window[0]),
+               window_right=np.int32(variant.window[1]),
+               softcap=np.float32(variant.softcap),
+               dropout_threshold=np.uint32(threshold),
+               dropout_scale=np.float32(scale))
+  return (*segments, slopes, seed), attrs
+
+
+def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
+            variant: Variant = Variant()):
+  """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32. Any variant but
+  a frame, a dense mask or bias runs the sm80 kernels; `extras` holds its
+  arrays by name (`variants.ARRAY_NAMES`)."""
   b, sq, h, d = q.shape
   dp = _padded_head_dim(d)
+  operands, attrs = _variant_operands(variant, extras or {}, b, h)
   # The third result is the persistent kernel's tile counter (workspace).
   out, lse, _ = jax.ffi.ffi_call(
       "jax_flash_fwd",
@@ -198,10 +245,8 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1),
        jax.ShapeDtypeStruct((b, h, sq), jnp.float32),
        jax.ShapeDtypeStruct((1,), jnp.int32)),
       vmap_method="broadcast_all",
-  )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp),
-    softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-    window_left=np.int32(window[0]), window_right=np.int32(window[1]),
-    softcap=np.float32(softcap))
+  )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp), *operands,
+    softmax_scale=np.float32(softmax_scale), causal=bool(causal), **attrs)
   return _vary_like((out[..., :d], lse), (q, k, v))
 
 
@@ -210,15 +255,18 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, window=(-1, -1),
 _DQ_TURN_ROWS = 64
 
 
-def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
-             causal: bool, deterministic: bool = False, window=(-1, -1),
-             softcap: float = 0.0):
-  """dq, dk, dv with the shapes and dtypes of q, k, v."""
+def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
+             softmax_scale: float, causal: bool, deterministic: bool = False,
+             variant: Variant = Variant()):
+  """dq, dk, dv with the shapes and dtypes of q, k, v, and the cotangents of
+  the float extras by name (the ALiBi slopes')."""
   b, sq, h, d = q.shape
   _, sk, hk, _ = k.shape
   dp = _padded_head_dim(d)
   f32 = jnp.float32
-  dq, dk, dv, *_ = jax.ffi.ffi_call(
+  extras = extras or {}
+  operands, attrs = _variant_operands(variant, extras, b, h)
+  dq, dk, dv, _, _, _, dslopes = jax.ffi.ffi_call(
       "jax_flash_bwd",
       (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
        jax.ShapeDtypeStruct((b, sk, hk, dp), k.dtype),
@@ -227,12 +275,18 @@ def backward(q, k, v, out, lse, dout, dlse, *, softmax_scale: float,
        # and, per query block, whose turn it is to add dQ (deterministic only).
        jax.ShapeDtypeStruct((b, sq, h, dp), f32),
        jax.ShapeDtypeStruct((b, h, sq), f32),
-       jax.ShapeDtypeStruct((b, h, -(-sq // _DQ_TURN_ROWS)), jnp.int32)),
+       jax.ShapeDtypeStruct((b, h, -(-sq // _DQ_TURN_ROWS)), jnp.int32),
+       jax.ShapeDtypeStruct(operands[4].shape, f32)),  # the slopes' gradient
       vmap_method="broadcast_all",
   )(*[_pad_last(x, dp) for x in (q, k, v, out, dout)],
-    lse.astype(f32), dlse.astype(f32),
+    lse.astype(f32), dlse.astype(f32), *operands,
     softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-    window_left=np.int32(window[0]), window_right=np.int32(window[1]),
-    softcap=np.float32(softcap), deterministic=bool(deterministic))
-  return _vary_like((dq[..., :d], dk[..., :d], dv[..., :d]),
-                    (q, k, v, out, lse, dout, dlse))
+    deterministic=bool(deterministic), **attrs)
+  inputs = (q, k, v, out, lse, dout, dlse)
+  d_extras = {}
+  if variant.alibi:
+    slopes = extras["alibi_slopes"]
+    if slopes.ndim == 1:
+      dslopes = dslopes.sum(axis=0)
+    d_extras["alibi_slopes"] = _vary_like((dslopes,), inputs)[0].astype(slopes.dtype)
+  return (*_vary_like((dq[..., :d], dk[..., :d], dv[..., :d]), inputs), d_extras)

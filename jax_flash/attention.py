@@ -20,7 +20,8 @@ from jax_flash.variants import UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # The variants the CUDA kernels run (on the sm80 family).
-_KERNEL_FEATURES = ("window_size", "softcap")
+_KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "segment_ids",
+                    "dropout_rate")
 IMPLEMENTATIONS = (None, "cuda", "xla")
 
 
@@ -410,10 +411,8 @@ def _compute(op: str, plan: Plan, arrays, extras):
   def portable(*arrays):
     return getattr(xla, op)(*arrays, extras, variant=plan.variant, **static)
 
-  def kernels(*arrays):  # windows and the soft cap only: no extras
-    results = getattr(_cuda, op)(*arrays, window=plan.variant.window,
-                                 softcap=plan.variant.softcap, **static)
-    return (*results, {}) if op == "backward" else results
+  def kernels(*arrays):
+    return getattr(_cuda, op)(*arrays, extras, variant=plan.variant, **static)
 
   if plan.backend == "auto":
     return lax.platform_dependent(*arrays, cuda=kernels, default=portable)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _U32 = jnp.uint32
 _MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
@@ -53,8 +54,9 @@ def seed(dropout_rng):
 
 
 def threshold(rate: float):
-  """Words below this drop their entry: rate * 2^32, as uint32."""
-  return _U32(min(round(rate * 2.0**32), 2**32 - 1))
+  """Words below this drop their entry: rate * 2^32, as a NumPy uint32 (a
+  constant, also where it becomes a kernel attribute)."""
+  return np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
 
 
 def keep(seed_words, rate: float, bh, rows, cols):

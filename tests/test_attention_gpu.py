@@ -257,6 +257,122 @@ class CudaWindowTest(parameterized.TestCase):
 
 
 @_needs_cuda
+class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
+  """Packed documents, ALiBi and dropout on the kernels (the sm80 family on
+  every GPU), alone and with causal masks, windows, the soft cap and GQA."""
+
+  def _inputs(self, *, seq_q, seq_k, heads=4, kv_heads=2, head_dim=64, dtype="bf16"):
+    return _inputs(self.id(), batch=2, seq_q=seq_q, seq_k=seq_k, num_heads=heads,
+                   num_kv_heads=kv_heads, head_dim=head_dim, dtype=_DTYPES[dtype])
+
+  @staticmethod
+  def _segment_ids(kind, seq_q, seq_k):
+    if kind == "packed":  # sorted documents, the same cuts for queries and keys
+      ids = util.packed_segments(5, 2, max(seq_q, seq_k), 7)
+      return ids[:, :seq_q], ids[:, :seq_k]
+    if kind == "padded":  # documents, then query padding that matches no key
+      q_ids = util.packed_segments(6, 2, seq_q, 4)
+      q_ids = jnp.where(jnp.arange(seq_q) >= seq_q - 100, -1, q_ids)
+      return q_ids, util.packed_segments(6, 2, seq_k, 4)
+    # Unsorted ids: every block pair can meet and needs the per-element test.
+    keys = jax.random.split(jax.random.key(7))
+    return (jax.random.randint(keys[0], (2, seq_q), 0, 3, jnp.int32),
+            jax.random.randint(keys[1], (2, seq_k), 0, 3, jnp.int32))
+
+  @parameterized.named_parameters(
+      ("_d64_packed_causal", 64, True, 1000, 1000, "packed", {}, "bf16"),
+      ("_d128_padded", 128, False, 777, 1300, "padded", {}, "f16"),
+      ("_d64_unsorted_gqa", 64, False, 600, 900, "unsorted", {}, "bf16"),
+      ("_d256_packed_window", 256, True, 515, 515, "packed",
+       dict(window_size=(100, 0)), "bf16"),
+      ("_d128_packed_softcap", 128, False, 1100, 1100, "packed", dict(softcap=2.0),
+       "bf16"),
+  )
+  def test_segments_match_reference(self, head_dim, causal, seq_q, seq_k, kind, more,
+                                    dtype):
+    q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+                                       dtype=dtype)
+    util.assert_matches_reference(cuda_attention, q, k, v, dout, dlse, causal=causal,
+                                  segment_ids=self._segment_ids(kind, seq_q, seq_k),
+                                  **more)
+
+  def test_deterministic_backward_with_segments_is_bitwise_repeatable(self):
+    q, k, v, dout, dlse = self._inputs(seq_q=1100, seq_k=1100)
+    segments = self._segment_ids("packed", 1100, 1100)
+    fn = functools.partial(cuda_attention, deterministic=True, causal=True,
+                           segment_ids=segments, return_lse=True)
+    util.assert_matches_reference(lambda *a, **kw: fn(*a), q, k, v, dout, dlse,
+                                  causal=True, segment_ids=segments)
+    grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
+    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
+    for _ in range(9):
+      for name, want, got in zip(("dq", "dk", "dv"), first,
+                                 jax.device_get(grads(q, k, v, dout, dlse))):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+
+  @parameterized.named_parameters(
+      ("_d64_causal_heads", 64, True, 1000, 1000, (4,), {}, "bf16"),
+      ("_d128_batch_heads_window", 128, False, 777, 1300, (2, 4),
+       dict(window_size=(300, 50)), "f16"),
+      ("_d256_softcap", 256, True, 515, 300, (4,), dict(softcap=2.0), "bf16"),
+  )
+  def test_alibi_and_its_slope_gradient_match_reference(self, head_dim, causal, seq_q,
+                                                        seq_k, slopes_shape, more, dtype):
+    q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+                                       dtype=dtype)
+    slopes = jax.random.uniform(jax.random.key(8), slopes_shape, jnp.float32, 0.005, 0.05)
+    util.assert_matches_reference(cuda_attention, q, k, v, dout, dlse, causal=causal,
+                                  alibi_slopes=slopes, **more)
+
+    def slope_grad(attention, *arrays):
+      def loss(slopes):
+        out, lse = attention(*arrays[:3], causal=causal, alibi_slopes=slopes,
+                             return_lse=True, **more)
+        lse = jnp.where(jnp.isfinite(lse), lse, 0)
+        return (jnp.sum(out.astype(jnp.float32) * arrays[3].astype(jnp.float32))
+                + jnp.sum(lse * arrays[4]))
+      return jax.jit(jax.grad(loss))(slopes)
+
+    got = slope_grad(cuda_attention, q, k, v, dout, dlse)
+    ref32 = slope_grad(functools.partial(jax_flash.attention_reference,
+                                         compute_dtype=jnp.float32),
+                       *(x.astype(jnp.float32) for x in (q, k, v, dout)), dlse)
+    ref_lowp = slope_grad(jax_flash.attention_reference, q, k, v, dout, dlse)
+    self.assertEqual(got.shape, slopes.shape)
+    util.assert_close_to_reference(got, ref32, ref_lowp, util.GRAD_FACTOR,
+                                   name="dslopes")
+
+  @parameterized.named_parameters(
+      ("_d64_causal", 64, True, 1000, 1000, 0.2, {}, "bf16"),
+      ("_d128_segments_gqa", 128, False, 777, 1300, 0.1,
+       dict(segment_ids="packed"), "f16"),
+      ("_d256_window_alibi", 256, True, 515, 515, 0.3,
+       dict(window_size=(200, 0), alibi_slopes=True), "bf16"),
+  )
+  def test_dropout_matches_reference_with_the_same_mask(self, head_dim, causal, seq_q,
+                                                        seq_k, rate, more, dtype):
+    q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+                                       dtype=dtype)
+    more = dict(more)
+    if "segment_ids" in more:
+      more["segment_ids"] = self._segment_ids(more["segment_ids"], seq_q, seq_k)
+    if "alibi_slopes" in more:
+      more["alibi_slopes"] = jnp.linspace(0.01, 0.04, 4, dtype=jnp.float32)
+    rng = jax.random.key(9)
+    mask = jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=seq_q,
+                                  seq_k=seq_k)
+
+    def attention(q, k, v, dropout_mask=None, **kwargs):
+      del dropout_mask  # the kernels draw it themselves
+      return cuda_attention(q, k, v, dropout_rng=rng, **kwargs)
+
+    # A mask other than the reference's (the portable path's) would move the
+    # results far beyond the rule.
+    util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=causal,
+                                  dropout_rate=rate, dropout_mask=mask, **more)
+
+
+@_needs_cuda
 class CudaBehaviourTest(parameterized.TestCase):
 
   def _inputs(self, *, batch=2, seq_q=333, seq_k=333, heads=8, kv_heads=2,

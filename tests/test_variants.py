@@ -354,31 +354,42 @@ class VariantArgumentsTest(parameterized.TestCase):
     q, k, v, _, _ = inputs(16, BF16)
     with mock.patch.object(_cuda, "unavailable_reason", return_value=""), \
          mock.patch.object(_cuda, "unsupported_reason", return_value=""):
-      with self.assertRaisesRegex(ValueError, "alibi_slopes, segment_ids"):
+      with self.assertRaisesRegex(ValueError, "mask, bias"):
         jax_flash.flash_attention(q, k, v, implementation="cuda", window_size=(4, 4),
                                   softcap=2.0, alibi_slopes=jnp.ones(4),
-                                  segment_ids=(jnp.zeros((2, 37), jnp.int32),
-                                               jnp.zeros((2, 53), jnp.int32)))
+                                  mask=jnp.ones((37, 53), bool),
+                                  bias=jnp.zeros((37, 53)))
 
-  def test_variants_choose_the_portable_path_on_cuda(self):
+  def test_dense_masks_choose_the_portable_path_on_cuda(self):
     q, k, v, _, _ = inputs(17, BF16)
     with mock.patch.object(_cuda, "library_loaded", return_value=True):
       text = jax.jit(functools.partial(
-          jax_flash.flash_attention, alibi_slopes=jnp.ones(4))).trace(q, k, v).lower(
-              lowering_platforms=("cuda",)).as_text()
+          jax_flash.flash_attention, mask=jnp.ones((37, 53), bool))).trace(
+              q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     self.assertNotIn("jax_flash_fwd", text)
 
-  def test_windows_and_the_soft_cap_run_on_the_kernels(self):
+  def test_the_other_variants_run_on_the_kernels(self):
     q, k, v, _, _ = inputs(18, BF16)
+    arrays = variant_arrays(7, 2, 4, 37, 53)
     with mock.patch.object(_cuda, "library_loaded", return_value=True):
       text = jax.jit(functools.partial(
-          jax_flash.flash_attention, window_size=(8, 3), softcap=2.5)).trace(
+          jax_flash.flash_attention, window_size=(8, 3), softcap=2.5,
+          alibi_slopes=arrays["slopes"],
+          segment_ids=(arrays["q_ids"], arrays["kv_ids"]), dropout_rate=0.25,
+          dropout_rng=jax.random.key(0))).trace(
               q, k, v).lower(lowering_platforms=("cuda",)).as_text()
     self.assertIn("jax_flash_fwd", text)
     self.assertIn("window_left = 8 : i32", text)
     self.assertIn("window_right = 3 : i32", text)
     self.assertIn("softcap = 2.500000e+00 : f32", text)
+    self.assertIn(f"dropout_threshold = {2**30} : ui32", text)
 
+  def test_segment_range_tables(self):
+    ids = jnp.array([[0] * 70 + [1] * 60 + [-1] * 5, [3] * 64 + [2] * 71], jnp.int32)
+    np.testing.assert_array_equal(
+        _cuda._segment_ranges(ids),
+        [[[0, 0, 0, -1], [0, 1, 1, -1], [-1, 1, 1, -1]],
+         [[3, 3, 3, 2], [2, 2, 3, 2], [2, 2, 3, 2]]])
 
 if __name__ == "__main__":
   absltest.main()

@@ -1,7 +1,7 @@
 // The two short passes around every backward kernel: before it, delta =
 // rowsum(dO * O) - dlse (the lse cotangent enters here, since d lse / d s = p),
-// a zeroed fp32 dQ accumulator and zeroed dQ turn counters; after it, dq = scale * dq_accum in the
-// input dtype.
+// a zeroed fp32 dQ accumulator, zeroed dQ turn counters and zeroed ALiBi slope
+// gradients; after it, dq = scale * dq_accum in the input dtype.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -74,6 +74,8 @@ void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
     const int64_t blocks = (int64_t(sh.seq_q) + kDQTurnRows - 1) / kDQTurnRows;
     cudaMemsetAsync(p.dq_turns, 0, int64_t(sh.batch) * sh.heads * blocks * sizeof(int), stream);
   }
+  if (p.dalibi_slopes != nullptr)
+    cudaMemsetAsync(p.dalibi_slopes, 0, int64_t(sh.batch) * sh.heads * sizeof(float), stream);
   flash_bwd_preprocess_kernel<T, kD>
       <<<dim3((sh.seq_q + kRows - 1) / kRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
 }

@@ -27,6 +27,9 @@ struct AttentionMask {
     return k_col < seq_k && (left < 0 || k_col >= q_row + diag() - left) &&
            (right < 0 || k_col <= q_row + diag() + right);
   }
+  __device__ __forceinline__ bool operator()(int q_row, int k_col) const {
+    return visible(q_row, k_col);
+  }
   // True when some pair of the tile [q0, q0 + rows) x [k0, k0 + cols) is hidden,
   // so tiles fully inside the visible region skip the per-element test.
   __device__ __forceinline__ bool tile_needs_mask(int q0, int rows, int k0, int cols) const {
@@ -49,9 +52,10 @@ struct AttentionMask {
   }
 };
 
-// Sets hidden scores of an accumulator tile (rows = queries) to -inf.
-template <typename Acc>
-__device__ __forceinline__ void mask_scores(Acc& s, const AttentionMask& mask, int q0, int k0,
+// Sets the scores of an accumulator tile (rows = queries) that visible(query,
+// key) hides to -inf.
+template <typename Acc, typename Visible>
+__device__ __forceinline__ void mask_scores(Acc& s, const Visible& visible, int q0, int k0,
                                             int lane) {
 #pragma unroll
   for (int mt = 0; mt < Acc::kMT; ++mt)
@@ -59,7 +63,7 @@ __device__ __forceinline__ void mask_scores(Acc& s, const AttentionMask& mask, i
     for (int nt = 0; nt < Acc::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        if (!mask.visible(q0 + Acc::row(mt, i, lane), k0 + Acc::col(nt, i, lane)))
+        if (!visible(q0 + Acc::row(mt, i, lane), k0 + Acc::col(nt, i, lane)))
           s.x[mt][nt][i] = -CUDART_INF_F;
 }
 

@@ -29,6 +29,39 @@ struct Accum {
   }
 };
 
+// One bit per element of an accumulator tile, all set at first: a per-element
+// condition computed in a loop of its own and read back without branches.
+template <typename Acc>
+struct ElementBits {
+  static constexpr int kElems = Acc::kMT * Acc::kNT * 4;
+  uint32_t w[(kElems + 31) / 32];
+
+  __device__ __forceinline__ ElementBits() {
+#pragma unroll
+    for (int j = 0; j < (kElems + 31) / 32; ++j) w[j] = ~0u;
+  }
+  static __device__ __forceinline__ constexpr int index(int mt, int nt, int i) {
+    return (mt * Acc::kNT + nt) * 4 + i;
+  }
+  __device__ __forceinline__ bool get(int mt, int nt, int i) const {
+    const int e = index(mt, nt, i);
+    return (w[e / 32] >> (e % 32)) & 1u;
+  }
+  // Clears the bits of the elements (mt, nt, i) for which keep(mt, nt, i) is false.
+  template <typename Keep>
+  __device__ __forceinline__ void keep_where(const Keep& keep) {
+#pragma unroll
+    for (int mt = 0; mt < Acc::kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < Acc::kNT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int e = index(mt, nt, i);
+          if (!keep(mt, nt, i)) w[e / 32] &= ~(1u << (e % 32));
+        }
+  }
+};
+
 // B fragments of a (16 * kKS) x (16 * kNP) operand in smem, consumed in steps of
 // 16 n-columns (n fastest) and requested kDepth steps ahead of their use, so
 // ldmatrix latency hides behind the mma instructions in between.

@@ -6,6 +6,7 @@
 // every leading dim folds into the batch, which is the vmap rule.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -104,8 +105,8 @@ ffi::Error not_compiled(const AttentionShape& s) {
 }
 
 // The launcher of the best kernel family for this device that has the
-// configuration. Windows and the soft cap run on the sm80 family only (the
-// sm90 kernels do not take them).
+// configuration. The variants (windows, soft cap, segments, ALiBi, dropout) run
+// on the sm80 family only (the sm90 kernels do not take them).
 template <typename Launcher, typename Find>
 Launcher pick(Find find, DType dtype, int head_dim, bool sm80_only) {
   Arch archs[kNumArchs];
@@ -125,9 +126,67 @@ ffi::Error check_variant(int32_t left, int32_t right, bool causal, float softcap
   return ffi::Error::Success();
 }
 
+// The arrays of the variants, each empty when the call does not use it.
+struct VariantBuffers {
+  ffi::Buffer<ffi::S32> q_segment_ids, kv_segment_ids, q_segment_ranges, kv_segment_ranges;
+  ffi::Buffer<ffi::F32> alibi_slopes;
+  ffi::Buffer<ffi::U32> dropout_seed;
+};
+
+struct Variants {
+  SegmentIds segments{};
+  const float* alibi_slopes = nullptr;
+  DropoutParams dropout{};
+  bool any() const {
+    return segments.q_ids != nullptr || alibi_slopes != nullptr || dropout.seed != nullptr;
+  }
+};
+
+// Checks the variants' arrays against the shape (every leading dim of theirs
+// folds into the batch, as for q) and points the kernel parameters at them.
+ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
+                           uint32_t dropout_threshold, float dropout_scale, Variants* v) {
+  const int64_t batch = sh.batch;
+  auto granules = [](int64_t seq) { return (seq + kSegmentGranule - 1) / kSegmentGranule; };
+  const int64_t seg_counts[4] = {b.q_segment_ids.element_count(),
+                                 b.kv_segment_ids.element_count(),
+                                 b.q_segment_ranges.element_count(),
+                                 b.kv_segment_ranges.element_count()};
+  const int64_t seg_expected[4] = {batch * sh.seq_q, batch * sh.seq_k,
+                                   batch * granules(sh.seq_q) * 4,
+                                   batch * granules(sh.seq_k) * 4};
+  if (seg_counts[0] != 0 || seg_counts[1] != 0 || seg_counts[2] != 0 || seg_counts[3] != 0) {
+    for (int i = 0; i < 4; ++i)
+      if (seg_counts[i] != seg_expected[i])
+        return invalid("segment ids must be [batch, seq_q] and [batch, seq_k] with range "
+                       "tables [batch, ceil(seq / " + std::to_string(kSegmentGranule) +
+                       "), 4], got " + dims_str(b.q_segment_ids.dimensions()) + ", " +
+                       dims_str(b.kv_segment_ids.dimensions()) + ", " +
+                       dims_str(b.q_segment_ranges.dimensions()) + ", " +
+                       dims_str(b.kv_segment_ranges.dimensions()));
+    v->segments = {b.q_segment_ids.typed_data(), b.kv_segment_ids.typed_data(),
+                   b.q_segment_ranges.typed_data(), b.kv_segment_ranges.typed_data()};
+  }
+  if (const int64_t n = b.alibi_slopes.element_count(); n != 0) {
+    if (n != batch * sh.heads)
+      return invalid("alibi_slopes must be [batch, heads], got " +
+                     dims_str(b.alibi_slopes.dimensions()));
+    v->alibi_slopes = b.alibi_slopes.typed_data();
+  }
+  if (const int64_t n = b.dropout_seed.element_count(); n != 0) {
+    if (n != 2)
+      return invalid("dropout_seed must hold 2 words, got " +
+                     dims_str(b.dropout_seed.dimensions()));
+    if (!(dropout_scale >= 1.f) || !std::isfinite(dropout_scale))
+      return invalid("dropout_scale must be 1 / (1 - rate) for a rate in [0, 1)");
+    v->dropout = {b.dropout_seed.typed_data(), dropout_threshold, dropout_scale};
+  }
+  return ffi::Error::Success();
+}
+
 // Whether the call asks for what only the sm80 kernels run.
-bool sm80_only(int32_t left, int32_t right, bool causal, float softcap) {
-  return left >= 0 || (!causal && right >= 0) || softcap > 0.f;
+bool sm80_only(int32_t left, int32_t right, bool causal, float softcap, const Variants& v) {
+  return left >= 0 || (!causal && right >= 0) || softcap > 0.f || v.any();
 }
 
 ffi::Error launched(cudaError_t err) {
@@ -138,8 +197,13 @@ ffi::Error launched(cudaError_t err) {
 }
 
 ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                   float softmax_scale, bool causal, int32_t window_left,
-                   int32_t window_right, float softcap, ffi::Result<ffi::AnyBuffer> out,
+                   ffi::Buffer<ffi::S32> q_segment_ids, ffi::Buffer<ffi::S32> kv_segment_ids,
+                   ffi::Buffer<ffi::S32> q_segment_ranges,
+                   ffi::Buffer<ffi::S32> kv_segment_ranges, ffi::Buffer<ffi::F32> alibi_slopes,
+                   ffi::Buffer<ffi::U32> dropout_seed, float softmax_scale, bool causal,
+                   int32_t window_left, int32_t window_right, float softcap,
+                   uint32_t dropout_threshold, float dropout_scale,
+                   ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    ffi::Result<ffi::Buffer<ffi::S32>> tile_counter) {
   AttentionShape shape;
@@ -155,24 +219,38 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    dims_str(tile_counter->dimensions()));
   if (auto err = check_variant(window_left, window_right, causal, softcap); err.failure())
     return err;
-  const FwdLauncher launch = pick<FwdLauncher>(
-      find_fwd, dtype, shape.head_dim, sm80_only(window_left, window_right, causal, softcap));
+  Variants var;
+  if (auto err = decode_variants(shape,
+                                 {q_segment_ids, kv_segment_ids, q_segment_ranges,
+                                  kv_segment_ranges, alibi_slopes, dropout_seed},
+                                 dropout_threshold, dropout_scale, &var);
+      err.failure())
+    return err;
+  const FwdLauncher launch =
+      pick<FwdLauncher>(find_fwd, dtype, shape.head_dim,
+                        sm80_only(window_left, window_right, causal, softcap, var));
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
-              softmax_scale, causal, window_left, window_right, softcap};
+              softmax_scale, causal, window_left, window_right, softcap,
+              var.segments, var.alibi_slopes, var.dropout};
   return launched(launch(p, stream));
 }
 
 ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
-                   ffi::Buffer<ffi::F32> dlse, float softmax_scale, bool causal,
+                   ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::S32> q_segment_ids,
+                   ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Buffer<ffi::S32> q_segment_ranges,
+                   ffi::Buffer<ffi::S32> kv_segment_ranges, ffi::Buffer<ffi::F32> alibi_slopes,
+                   ffi::Buffer<ffi::U32> dropout_seed, float softmax_scale, bool causal,
                    int32_t window_left, int32_t window_right, float softcap,
+                   uint32_t dropout_threshold, float dropout_scale,
                    bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
                    ffi::Result<ffi::Buffer<ffi::F32>> delta,
-                   ffi::Result<ffi::Buffer<ffi::S32>> dq_turns) {
+                   ffi::Result<ffi::Buffer<ffi::S32>> dq_turns,
+                   ffi::Result<ffi::Buffer<ffi::F32>> dalibi_slopes) {
   AttentionShape shape;
   DType dtype;
   if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
@@ -194,8 +272,19 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    ")], got " + dims_str(dq_turns->dimensions()));
   if (auto err = check_variant(window_left, window_right, causal, softcap); err.failure())
     return err;
-  const BwdLauncher launch = pick<BwdLauncher>(
-      find_bwd, dtype, shape.head_dim, sm80_only(window_left, window_right, causal, softcap));
+  Variants var;
+  if (auto err = decode_variants(shape,
+                                 {q_segment_ids, kv_segment_ids, q_segment_ranges,
+                                  kv_segment_ranges, alibi_slopes, dropout_seed},
+                                 dropout_threshold, dropout_scale, &var);
+      err.failure())
+    return err;
+  if (dalibi_slopes->element_count() != alibi_slopes.element_count())
+    return invalid("dalibi_slopes must match alibi_slopes " +
+                   dims_str(alibi_slopes.dimensions()));
+  const BwdLauncher launch =
+      pick<BwdLauncher>(find_bwd, dtype, shape.head_dim,
+                        sm80_only(window_left, window_right, causal, softcap, var));
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),
@@ -215,7 +304,11 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               causal,
               window_left,
               window_right,
-              softcap};
+              softcap,
+              var.segments,
+              var.alibi_slopes,
+              var.alibi_slopes != nullptr ? dalibi_slopes->typed_data() : nullptr,
+              var.dropout};
   return launched(launch(p, stream));
 }
 
@@ -228,11 +321,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Arg<ffi::AnyBuffer>()  // q
                                   .Arg<ffi::AnyBuffer>()  // k
                                   .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_segment_ranges
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ranges
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // alibi_slopes
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // dropout_seed
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
                                   .Attr<int32_t>("window_right")
                                   .Attr<float>("softcap")
+                                  .Attr<uint32_t>("dropout_threshold")
+                                  .Attr<float>("dropout_scale")
                                   .Ret<ffi::AnyBuffer>()            // out
                                   .Ret<ffi::Buffer<ffi::F32>>()     // lse
                                   .Ret<ffi::Buffer<ffi::S32>>(),    // tile_counter workspace
@@ -248,16 +349,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Arg<ffi::AnyBuffer>()          // dout
                                   .Arg<ffi::Buffer<ffi::F32>>()   // lse
                                   .Arg<ffi::Buffer<ffi::F32>>()   // dlse
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_segment_ranges
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ranges
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // alibi_slopes
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // dropout_seed
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
                                   .Attr<int32_t>("window_right")
                                   .Attr<float>("softcap")
+                                  .Attr<uint32_t>("dropout_threshold")
+                                  .Attr<float>("dropout_scale")
                                   .Attr<bool>("deterministic")
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk
                                   .Ret<ffi::AnyBuffer>()          // dv
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum workspace
                                   .Ret<ffi::Buffer<ffi::F32>>()   // delta workspace
-                                  .Ret<ffi::Buffer<ffi::S32>>(),  // dq_turns workspace
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // dq_turns workspace
+                                  .Ret<ffi::Buffer<ffi::F32>>(),  // dalibi_slopes
                               {ffi::Traits::kCmdBufferCompatible});

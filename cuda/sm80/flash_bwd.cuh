@@ -8,7 +8,10 @@
 //      P^T = exp(S^T - lse) from the saved lse, forms dS^T = P^T * (dP^T - delta)
 //      and adds its share of dQ into the fp32 accumulator with atomics;
 //   3. convert (bwd_passes.cuh): dq = scale * dq_accum in the input dtype.
-// Causal query blocks that cannot see the key block are skipped, not masked.
+// Query blocks that cannot see the key block (causal, windows, segments that
+// cannot meet) are skipped, not masked. The variants enter the recomputed P as
+// in the forward; dropout weighs dV's P and dP, and the ALiBi slopes' gradient
+// -sum(dS * distance) is summed per warp and added with atomics.
 // A deterministic backward adds dQ in key-block order (dq_turns.cuh).
 #pragma once
 
@@ -16,10 +19,13 @@
 
 #include <algorithm>
 
+#include "../common/alibi.cuh"
 #include "../common/block_order.cuh"
 #include "../common/bwd_passes.cuh"
 #include "../common/dq_turns.cuh"
+#include "../common/dropout.cuh"
 #include "../common/mask.cuh"
+#include "../common/segments.cuh"
 #include "../common/softcap.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -58,7 +64,8 @@ struct BwdKernel {
   }
 };
 
-template <typename T, int kD>
+// kVariants: as for the forward kernel.
+template <typename T, int kD, bool kVariants>
 __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     flash_bwd_kernel(const BwdParams p) {
   using K = BwdKernel<T, kD>;
@@ -91,17 +98,36 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
   const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
   const SoftCap softcap = SoftCap::of(p);
-  const float scale_log2 = softcap.softmax_scale(p.softmax_scale) * kLog2e;
+  const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
+  const float scale_log2 = softmax_scale * kLog2e;
+  const SegmentMask segments = kVariants ? SegmentMask::of(p, batch) : SegmentMask{};
 
-  // Query blocks [m_begin, m_begin + m_count) hold the queries that see these keys.
-  const int m_begin = mask.first_query(n0) / kBlockM;
-  const int m_count =
-      max(0, (mask.query_end(n0, kBlockN) + kBlockM - 1) / kBlockM - m_begin);
+  // Query blocks [m_begin, m_begin + m_count) hold the queries that see these
+  // keys and whose segments they can reach.
+  const int2 reach = segments.query_reach(n0, kBlockN);
+  const int m_begin = max(mask.first_query(n0), reach.x) / kBlockM;
+  const int m_count = max(
+      0, (min(mask.query_end(n0, kBlockN), reach.y) + kBlockM - 1) / kBlockM - m_begin);
   const int steps = group * m_count;
 
   // Step -> (query head, first query row).
   auto step_head = [&](int step) { return kv_head * group + step / m_count; };
   auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
+  // The first step from `step` on whose queries' segments can meet these keys'.
+  auto taking_part_from = [&](int step) {
+    while (step < steps && !segments.blocks_meet(step_m0(step), kBlockM, n0, kBlockN)) ++step;
+    return step;
+  };
+  // This key block's turn among those adding to query block m0's dQ: the key
+  // blocks from the first that reaches it, less those whose segments cannot meet.
+  auto dq_turn = [&](int m0) {
+    if (!segments.on()) return n_block - mask.key_begin(m0) / kBlockN;
+    const int first = max(mask.key_begin(m0), segments.key_reach(m0, kBlockM).x) / kBlockN;
+    int turn = 0;
+    for (int n = first; n < n_block; ++n)
+      turn += segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN);
+    return turn;
+  };
 
   auto load_stage = [&](int step, int s) {
     const int head = step_head(step), m0 = step_m0(step);
@@ -130,24 +156,27 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int q_m0 = (warp % K::QW::kWarpRows) * K::kQRows;
   const int q_n0 = (warp / K::QW::kWarpRows) * K::kQCols;
 
-  if (steps > 0) {
+  int step = taking_part_from(0);
+  if (step < steps) {
     load_tile_async<kThreads>(sK, static_cast<const T*>(p.k) + kv_offset, kv_row_stride,
                               sh.seq_k - n0, tid);
     load_tile_async<kThreads>(sV, static_cast<const T*>(p.v) + kv_offset, kv_row_stride,
                               sh.seq_k - n0, tid);
-    load_stage(0, 0);
+    load_stage(step, 0);
     cp_async_commit();
   }
 
-  for (int step = 0; step < steps; ++step) {
-    const int s = K::kStages == 2 ? step & 1 : 0;
+  for (int s = 0; step < steps; s ^= K::kStages - 1) {
     const int head = step_head(step), m0 = step_m0(step);
+    const int next = taking_part_from(step + 1);
     cp_async_wait<0>();
     __syncthreads();  // this stage landed; every warp is done with the other one and with sP/sdS
-    if (K::kStages == 2 && step + 1 < steps) {
-      load_stage(step + 1, s ^ 1);
+    if (K::kStages == 2 && next < steps) {
+      load_stage(next, s ^ 1);
       cp_async_commit();
     }
+    const Alibi alibi = kVariants ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
+    const Dropout dropout = kVariants ? Dropout::of(p, batch, head) : Dropout{};
 
     // S^T = K Q^T and dP^T = V dO^T, rows = keys, cols = queries.
     typename K::AccS st, dpt;
@@ -155,11 +184,31 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     dpt.zero();
     gemm_ss<T, false, false, kD>(st, sK, s_m0, sQ(s), s_n0, lane);
     gemm_ss<T, false, false, kD>(dpt, sV, s_m0, sdO(s), s_n0, lane);
-    const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN);
+    const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN) ||
+                           segments.tile_needs_mask(m0, kBlockM, n0, kBlockN);
+    auto visible = [&](int query, int key) {
+      return mask.visible(query, key) && segments.same(query, key);
+    };
     const float* lse = sLse(s);
     const float* delta = sDelta(s);
-    // The mask in a loop of its own: a branch between exponentials makes each
-    // wait for the previous one's result.
+    // Which elements are visible and which dropout keeps, one bit each, from
+    // loops of their own: a branch between exponentials makes each wait for
+    // the previous one's result.
+    using Bits = ElementBits<typename K::AccS>;
+    Bits shown, kept;
+    if (need_mask)
+      shown.keep_where(
+          [&](int mt, int nt, int i) {
+            return visible(m0 + s_n0 + K::AccS::col(nt, i, lane),
+                           n0 + s_m0 + K::AccS::row(mt, i, lane));
+          });
+    if (dropout.on())
+      kept.keep_where([&](int mt, int nt, int i) {
+        return dropout.keeps(m0 + s_n0 + K::AccS::col(nt, i, lane),
+                             n0 + s_m0 + K::AccS::row(mt, i, lane));
+      });
+    const float kept_scale = dropout.on() ? dropout.scale : 1.f;
+    float dslope = 0.f;  // this thread's part of -sum(dS * distance)
 #pragma unroll
     for (int mt = 0; mt < K::AccS::kMT; ++mt)
 #pragma unroll
@@ -167,26 +216,27 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int query = s_n0 + K::AccS::col(nt, i, lane);
+          const int key = n0 + s_m0 + K::AccS::row(mt, i, lane);
           float score = st.x[mt][nt][i], slope = 1.f;
           if (softcap.on()) {
             const float t = tanhf(score * softcap.inner);
             score = softcap.cap * t;
             slope = 1.f - t * t;
           }
-          const float pv = fast_exp2(fmaf(score, scale_log2, -lse[query]));
-          st.x[mt][nt][i] = pv;
-          dpt.x[mt][nt][i] = pv * (dpt.x[mt][nt][i] - delta[query]) * slope;
+          if constexpr (kVariants) score += alibi.bias(m0 + query, key);
+          const float pv = shown.get(mt, nt, i)
+                               ? fast_exp2(fmaf(score, scale_log2, -lse[query])) : 0.f;
+          const float factor = kept.get(mt, nt, i) ? kept_scale : 0.f;
+          const float ds = pv * (dpt.x[mt][nt][i] * factor - delta[query]);
+          st.x[mt][nt][i] = pv * factor;
+          dpt.x[mt][nt][i] = ds * slope;
+          if constexpr (kVariants) dslope = fmaf(-ds, alibi.distance(m0 + query, key), dslope);
         }
-    if (need_mask) {
+    if (alibi.on()) {
 #pragma unroll
-      for (int mt = 0; mt < K::AccS::kMT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < K::AccS::kNT; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            if (!mask.visible(m0 + s_n0 + K::AccS::col(nt, i, lane),
-                              n0 + s_m0 + K::AccS::row(mt, i, lane)))
-              st.x[mt][nt][i] = dpt.x[mt][nt][i] = 0.f;
+      for (int o = 16; o > 0; o /= 2) dslope += __shfl_xor_sync(0xffffffff, dslope, o);
+      if (lane == 0)
+        atomicAdd(p.dalibi_slopes + int64_t(batch) * sh.heads + head, dslope);
     }
     store_accum_smem<T>(st, sP, s_m0, s_n0, lane);
     store_accum_smem<T>(dpt, sdS, s_m0, s_n0, lane);
@@ -205,7 +255,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     const DQTurns turns(p, batch, head, m0);
     if (turns.counter != nullptr) {
       // The first key block that reaches this query block takes turn 0.
-      if (tid == 0) turns.wait(n_block - mask.key_begin(m0) / kBlockN);
+      if (tid == 0) turns.wait(dq_turn(m0));
       __syncthreads();
     }
 #pragma unroll
@@ -224,11 +274,12 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       if (tid == 0) turns.pass();
     }
 
-    if (K::kStages == 1 && step + 1 < steps) {
+    if (K::kStages == 1 && next < steps) {
       __syncthreads();  // every warp is done with the single stage
-      load_stage(step + 1, 0);
+      load_stage(next, 0);
       cp_async_commit();
     }
+    step = next;
   }
 
   // Epilogue: dK picks up the softmax scale here; dV needs none.
@@ -256,7 +307,8 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using K = BwdKernel<T, kD>;
   launch_bwd_preprocess<T, kD>(p, stream);
 
-  auto kernel = flash_bwd_kernel<T, kD>;
+  auto kernel = uses_variant_arrays(p) ? flash_bwd_kernel<T, kD, true>
+                                       : flash_bwd_kernel<T, kD, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;

@@ -4,14 +4,21 @@
 // stream through single buffers, each loaded while the other is consumed (V during
 // QK^T and softmax, the next K during PV). Key blocks are visited from last to
 // first so that the ones needing a mask (the causal diagonal, the ragged end) come
-// first and the rest run unmasked; under a window only the blocks it reaches. P never leaves registers; the output is
-// normalized once at the end and O and lse are written once.
+// first and the rest run unmasked; under a window only the blocks it reaches,
+// with packed documents only the blocks whose segments can meet these queries'.
+// The variants act on the score tile in order: soft cap, ALiBi, mask; dropout
+// then on the probabilities, after the softmax has summed them. P never leaves
+// registers; the output is normalized once at the end and O and lse are
+// written once.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "../common/alibi.cuh"
 #include "../common/block_order.cuh"
+#include "../common/dropout.cuh"
 #include "../common/mask.cuh"
+#include "../common/segments.cuh"
 #include "../common/softcap.cuh"
 #include "../common/softmax.cuh"
 #include "../common/warp_gemm.cuh"
@@ -38,7 +45,9 @@ struct FwdKernel {
   }
 };
 
-template <typename T, int kD>
+// kVariants: whether the kernel reads segments, ALiBi and dropout (they cost
+// registers even when off, so plain calls run a kernel without them).
+template <typename T, int kD, bool kVariants>
 __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
     flash_fwd_kernel(const FwdParams p) {
   using K = FwdKernel<T, kD>;
@@ -68,24 +77,37 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   T* out = static_cast<T*>(p.out) + (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
   float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
 
-  // Key blocks [n_begin, n_blocks) hold the keys these queries see.
-  const int n_begin = mask.key_begin(m0) / kBlockN;
-  const int n_blocks = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+  // Key blocks [n_begin, n_blocks) hold the keys these queries see and whose
+  // segments they can reach; of those, the ones whose segments can meet theirs
+  // take part.
+  const SegmentMask segments = kVariants ? SegmentMask::of(p, batch) : SegmentMask{};
+  const int2 reach = segments.key_reach(m0, kBlockM);
+  const int n_begin = max(mask.key_begin(m0), reach.x) / kBlockN;
+  const int n_blocks = (min(mask.key_end(m0, kBlockM), reach.y) + kBlockN - 1) / kBlockN;
+  auto taking_part_from = [&](int n) {  // the first block taking part, n down
+    while (n >= n_begin && !segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN)) --n;
+    return n;
+  };
   const SoftCap softcap = SoftCap::of(p);
   const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
+  const Alibi alibi = kVariants ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
+  const Dropout dropout = kVariants ? Dropout::of(p, batch, head) : Dropout{};
+  auto visible = [&](int q_row, int k_col) {
+    return mask.visible(q_row, k_col) && segments.same(q_row, k_col);
+  };
 
   typename K::AccO o;
   o.zero();
   OnlineSoftmax<K::kMT> softmax;
 
-  if (n_blocks > n_begin) {
+  int n = taking_part_from(n_blocks - 1);
+  if (n >= n_begin) {
     load_tile_async<kThreads>(sQ, q, q_row_stride, sh.seq_q - m0, tid);
-    int n = n_blocks - 1;
     load_tile_async<kThreads>(sK, k + n * kBlockN * kv_row_stride, kv_row_stride,
                               sh.seq_k - n * kBlockN, tid);
     cp_async_commit();
-    for (; n >= n_begin; --n) {
+    while (n >= n_begin) {
       const int n0 = n * kBlockN;
       cp_async_wait<0>();
       __syncthreads();  // K[n] landed; every warp is done with V[n+1]
@@ -96,20 +118,25 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
       s.zero();
       gemm_ss<T, false, false, kD>(s, sQ, warp_m0, sK, 0, lane);
       if (softcap.on()) softcap.apply(s);  // before the mask: tanh(-inf) is -1
-      if (mask.tile_needs_mask(m0 + warp_m0, K::kWarpRows, n0, kBlockN))
-        mask_scores(s, mask, m0 + warp_m0, n0, lane);
+      if (alibi.on()) alibi.apply(s, m0 + warp_m0, n0, lane);
+      if (mask.tile_needs_mask(m0 + warp_m0, K::kWarpRows, n0, kBlockN) ||
+          segments.tile_needs_mask(m0 + warp_m0, K::kWarpRows, n0, kBlockN))
+        mask_scores(s, visible, m0 + warp_m0, n0, lane);
       softmax.update(s, o, scale_log2);
+      if (dropout.on()) dropout.apply(s, m0 + warp_m0, n0, lane);
       uint32_t p_frags[K::kMT][kBlockN / 16][4];
       accum_to_a_frags<T>(p_frags, s);
 
       cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
-      if (n > n_begin) {
-        load_tile_async<kThreads>(sK, k + (n0 - kBlockN) * kv_row_stride, kv_row_stride,
-                                  sh.seq_k - (n0 - kBlockN), tid);
+      const int next = taking_part_from(n - 1);
+      if (next >= n_begin) {
+        load_tile_async<kThreads>(sK, k + next * kBlockN * kv_row_stride, kv_row_stride,
+                                  sh.seq_k - next * kBlockN, tid);
         cp_async_commit();
       }
       gemm_rs<T, true>(o, p_frags, sV, 0, lane);
+      n = next;
     }
   }
 
@@ -135,7 +162,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using K = FwdKernel<T, kD>;
-  auto kernel = flash_fwd_kernel<T, kD>;
+  auto kernel = uses_variant_arrays(p) ? flash_fwd_kernel<T, kD, true>
+                                       : flash_fwd_kernel<T, kD, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
