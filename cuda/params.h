@@ -92,10 +92,15 @@ struct BwdParams {
 
 inline constexpr int kDQTurnRows = 64;
 
-// Whether a call reads segment ids, ALiBi slopes or a dropout seed.
+// The sm80 kernels come in three builds, as the variants read from arrays cost
+// registers even when off, and dropout most: none of them, segment ids and
+// ALiBi, or those and dropout. The one a call needs:
+enum Extras : int { kNoExtras = 0, kSegmentsAlibi = 1, kAllExtras = 2 };
+
 template <typename Params>
-inline bool uses_variant_arrays(const Params& p) {
-  return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr || p.dropout.seed != nullptr;
+inline Extras extras_of(const Params& p) {
+  if (p.dropout.seed != nullptr) return kAllExtras;
+  return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr ? kSegmentsAlibi : kNoExtras;
 }
 
 }  // namespace jax_flash

@@ -64,10 +64,11 @@ struct BwdKernel {
   }
 };
 
-// kVariants: as for the forward kernel.
-template <typename T, int kD, bool kVariants>
+// kExtras: as for the forward kernel.
+template <typename T, int kD, int kExtras>
 __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     flash_bwd_kernel(const BwdParams p) {
+  constexpr bool kArrays = kExtras != kNoExtras, kDropout = kExtras == kAllExtras;
   using K = BwdKernel<T, kD>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const SoftCap softcap = SoftCap::of(p);
   const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
   const float scale_log2 = softmax_scale * kLog2e;
-  const SegmentMask segments = kVariants ? SegmentMask::of(p, batch) : SegmentMask{};
+  const SegmentMask segments = kArrays ? SegmentMask::of(p, batch) : SegmentMask{};
 
   // Query blocks [m_begin, m_begin + m_count) hold the queries that see these
   // keys and whose segments they can reach.
@@ -175,8 +176,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       load_stage(next, s ^ 1);
       cp_async_commit();
     }
-    const Alibi alibi = kVariants ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
-    const Dropout dropout = kVariants ? Dropout::of(p, batch, head) : Dropout{};
+    const Alibi alibi = kArrays ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
+    const Dropout dropout = kDropout ? Dropout::of(p, batch, head) : Dropout{};
 
     // S^T = K Q^T and dP^T = V dO^T, rows = keys, cols = queries.
     typename K::AccS st, dpt;
@@ -223,14 +224,14 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
             score = softcap.cap * t;
             slope = 1.f - t * t;
           }
-          if constexpr (kVariants) score += alibi.bias(m0 + query, key);
+          if constexpr (kArrays) score += alibi.bias(m0 + query, key);
           const float pv = shown.get(mt, nt, i)
                                ? fast_exp2(fmaf(score, scale_log2, -lse[query])) : 0.f;
           const float factor = kept.get(mt, nt, i) ? kept_scale : 0.f;
           const float ds = pv * (dpt.x[mt][nt][i] * factor - delta[query]);
           st.x[mt][nt][i] = pv * factor;
           dpt.x[mt][nt][i] = ds * slope;
-          if constexpr (kVariants) dslope = fmaf(-ds, alibi.distance(m0 + query, key), dslope);
+          if constexpr (kArrays) dslope = fmaf(-ds, alibi.distance(m0 + query, key), dslope);
         }
     if (alibi.on()) {
 #pragma unroll
@@ -307,8 +308,9 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   using K = BwdKernel<T, kD>;
   launch_bwd_preprocess<T, kD>(p, stream);
 
-  auto kernel = uses_variant_arrays(p) ? flash_bwd_kernel<T, kD, true>
-                                       : flash_bwd_kernel<T, kD, false>;
+  auto kernel = extras_of(p) == kAllExtras       ? flash_bwd_kernel<T, kD, kAllExtras>
+                : extras_of(p) == kSegmentsAlibi ? flash_bwd_kernel<T, kD, kSegmentsAlibi>
+                                                 : flash_bwd_kernel<T, kD, kNoExtras>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;

@@ -45,11 +45,11 @@ struct FwdKernel {
   }
 };
 
-// kVariants: whether the kernel reads segments, ALiBi and dropout (they cost
-// registers even when off, so plain calls run a kernel without them).
-template <typename T, int kD, bool kVariants>
+// kExtras: which variants read from arrays the build has (params.h's Extras).
+template <typename T, int kD, int kExtras>
 __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
     flash_fwd_kernel(const FwdParams p) {
+  constexpr bool kArrays = kExtras != kNoExtras, kDropout = kExtras == kAllExtras;
   using K = FwdKernel<T, kD>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   // Key blocks [n_begin, n_blocks) hold the keys these queries see and whose
   // segments they can reach; of those, the ones whose segments can meet theirs
   // take part.
-  const SegmentMask segments = kVariants ? SegmentMask::of(p, batch) : SegmentMask{};
+  const SegmentMask segments = kArrays ? SegmentMask::of(p, batch) : SegmentMask{};
   const int2 reach = segments.key_reach(m0, kBlockM);
   const int n_begin = max(mask.key_begin(m0), reach.x) / kBlockN;
   const int n_blocks = (min(mask.key_end(m0, kBlockM), reach.y) + kBlockN - 1) / kBlockN;
@@ -91,8 +91,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   const SoftCap softcap = SoftCap::of(p);
   const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
-  const Alibi alibi = kVariants ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
-  const Dropout dropout = kVariants ? Dropout::of(p, batch, head) : Dropout{};
+  const Alibi alibi = kArrays ? Alibi::of(p, batch, head, softmax_scale) : Alibi{};
+  const Dropout dropout = kDropout ? Dropout::of(p, batch, head) : Dropout{};
   auto visible = [&](int q_row, int k_col) {
     return mask.visible(q_row, k_col) && segments.same(q_row, k_col);
   };
@@ -162,8 +162,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using K = FwdKernel<T, kD>;
-  auto kernel = uses_variant_arrays(p) ? flash_fwd_kernel<T, kD, true>
-                                       : flash_fwd_kernel<T, kD, false>;
+  auto kernel = extras_of(p) == kAllExtras       ? flash_fwd_kernel<T, kD, kAllExtras>
+                : extras_of(p) == kSegmentsAlibi ? flash_fwd_kernel<T, kD, kSegmentsAlibi>
+                                                 : flash_fwd_kernel<T, kD, kNoExtras>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
