@@ -16,6 +16,7 @@ from jax_flash import _cuda
 from jax_flash import dropout
 from jax_flash import partition
 from jax_flash import xla
+from jax_flash.block_sparse import BlockSparseMask
 from jax_flash.variants import UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -30,7 +31,7 @@ def flash_attention(query, key, value, *, causal: bool = False,
                     return_lse: bool = False, implementation: str | None = None,
                     deterministic: bool = False, window_size=None,
                     softcap: float | None = None, alibi_slopes=None,
-                    segment_ids=None, mask=None, bias=None,
+                    segment_ids=None, mask=None, bias=None, block_mask=None,
                     dropout_rate: float = 0.0, dropout_rng=None):
   """Exact softmax attention that never materializes the score matrix.
 
@@ -73,6 +74,10 @@ def flash_attention(query, key, value, *, causal: bool = False,
     bias: float, broadcastable to [batch, num_heads, seq_q, seq_k], added to
       the scores (after the cap and ALiBi); differentiable. The slow path, like
       mask.
+    block_mask: a `jax_flash.BlockSparseMask` whose blocks cover seq_q x
+      seq_k, leading dims broadcastable to [batch, num_heads]: query i sees key
+      j only when block (i // block_q, j // block_k) is on. Blocks that are off
+      are skipped. A query whose blocks are all off gives out 0 and lse -inf.
     dropout_rate, dropout_rng: with a rate in (0, 1) and a JAX random key,
       each attention probability is dropped with that rate and the kept ones
       scaled by 1 / (1 - rate); lse is not affected. The mask comes from a
@@ -93,8 +98,8 @@ def flash_attention(query, key, value, *, causal: bool = False,
       query, key, value, causal=causal, softmax_scale=softmax_scale,
       implementation=implementation, deterministic=deterministic,
       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-      segment_ids=segment_ids, mask=mask, bias=bias, dropout_rate=dropout_rate,
-      dropout_rng=dropout_rng)
+      segment_ids=segment_ids, mask=mask, bias=bias, block_mask=block_mask,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   out, lse = _attention(query, key, value, extras, plan)
   return (out, lse) if return_lse else out
 
@@ -226,7 +231,7 @@ def _check_softmax_scale(softmax_scale, head_dim: int) -> float:
 
 def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
                    alibi_slopes=None, segment_ids=None, mask=None, bias=None,
-                   dropout_rate=0.0, dropout_rng=None):
+                   block_mask=None, dropout_rate=0.0, dropout_rng=None):
   """The static Variant and its arrays by name, or an error naming the argument."""
   batch, seq_q, num_heads, _ = query.shape
   seq_k = key.shape[1]
@@ -307,6 +312,24 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
                       f"got {x.dtype}")
     extras[name] = x
 
+  block_size = None
+  if block_mask is not None:
+    if not isinstance(block_mask, BlockSparseMask):
+      raise TypeError("flash_attention: block_mask must be a jax_flash.BlockSparseMask, "
+                      f"got {type(block_mask).__name__}")
+    blocks = block_mask.blocks
+    if not block_mask.fits(seq_q, seq_k):
+      raise ValueError(
+          f"flash_attention: block_mask has {block_mask.num_blocks} blocks of "
+          f"{block_mask.block_size}, which do not cover seq_q={seq_q}, seq_k={seq_k}")
+    lead = blocks.shape[:-2]
+    if len(lead) > 2 or any(d not in (1, f) for d, f in zip(lead[::-1], (num_heads, batch))):
+      raise ValueError(
+          f"flash_attention: block_mask's leading dims {tuple(lead)} must broadcast to "
+          f"[batch, num_heads] = ({batch}, {num_heads}), each 1 or that size")
+    extras["block_mask"] = blocks.reshape((1,) * (4 - blocks.ndim) + blocks.shape)
+    block_size = block_mask.block_size
+
   rate = _check_dropout_rate(dropout_rate)
   if rate:
     if dropout_rng is None:
@@ -321,7 +344,7 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
   variant = Variant(window=window, softcap=cap,
                     alibi="alibi_slopes" in extras,
                     segments="q_segment_ids" in extras, mask="mask" in extras,
-                    bias="bias" in extras, dropout_rate=rate)
+                    bias="bias" in extras, dropout_rate=rate, block_size=block_size)
   return variant, extras
 
 

@@ -56,6 +56,9 @@ def _extra_dims(name: str, shape: tuple, full: dict) -> tuple:
     dims = "bhst"[4 - len(shape):]
     return tuple(d if size == full[d] and size > 1 else None
                  for d, size in zip(dims, shape))
+  if name == "block_mask":  # [b', h', query blocks, key blocks]
+    return tuple(d if size == full[d] and size > 1 else None
+                 for d, size in zip("bh", shape[:2])) + (None, None)
   return (None,) * len(shape)
 
 

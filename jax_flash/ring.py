@@ -150,10 +150,10 @@ class Ring:
                        f"{tuple(key.shape)}")
     diagonal_offset = size * (key.shape[1] - query.shape[1])
     variant = plan.variant
-    if variant.mask or variant.bias:
-      raise ValueError("ring_attention: a dense mask or bias cannot follow a "
-                       "sequence split across devices; use segment_ids or "
-                       "window_size")
+    if variant.mask or variant.bias or variant.block_size:
+      raise ValueError("ring_attention: a dense mask, bias or block mask cannot "
+                       "follow a sequence split across devices; use segment_ids "
+                       "or window_size")
     diagonal = None
     if variant.positional:
       # Each pair reads its positions in the whole attention.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 ARRAY_NAMES = ("alibi_slopes", "q_segment_ids", "kv_segment_ids", "mask", "bias",
-               "dropout_seed", "origin")
+               "block_mask", "dropout_seed", "origin")
 UNBOUNDED = -1
 
 
@@ -33,7 +33,9 @@ class Frame:
 class Variant:
   """window: (left, right) keys around the query's diagonal, UNBOUNDED for no
   limit; softcap and dropout_rate: 0 for none; the flags say which arrays come
-  with the call; frame: None, or the larger attention this call is a shard
+  with the call; block_size: that of a block-sparse mask (its blocks come as
+  the array "block_mask", [batch', heads', num_q_blocks, num_k_blocks]), None
+  without one; frame: None, or the larger attention this call is a shard
   of."""
   window: tuple[int, int] = (UNBOUNDED, UNBOUNDED)
   softcap: float = 0.0
@@ -42,6 +44,7 @@ class Variant:
   mask: bool = False
   bias: bool = False
   dropout_rate: float = 0.0
+  block_size: tuple[int, int] | None = None
   frame: Frame | None = None
 
   @property
@@ -61,4 +64,5 @@ class Variant:
         ("segment_ids", self.segments),
         ("mask", self.mask),
         ("bias", self.bias),
+        ("block_mask", self.block_size is not None),
         ("dropout_rate", self.dropout_rate != 0.0)) if used)

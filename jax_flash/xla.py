@@ -167,6 +167,8 @@ class _Tiling:
                      == extras.kv_ids[j][:, None, None, None, :])
     if self.variant.mask:
       visible.append(extras.mask.tile(i, j))
+    if self.variant.block_size:
+      visible.append(extras.block_tile(i, j))
     if visible:
       s = jnp.where(functools.reduce(operator.and_, visible), s, -jnp.inf)
     return s, cap_slope
@@ -238,6 +240,22 @@ class _Extras:
       self.mask = _Dense(extras["mask"].astype(bool), t, num_kv_heads, False)
     if v.bias:
       self.bias = _Dense(extras["bias"].astype(_F32), t, num_kv_heads, 0.0)
+    if v.block_size:
+      blocks = extras["block_mask"]
+      b, h, nq, nk = blocks.shape
+      groups = h // num_kv_heads if h > 1 else 1
+      self.blocks = blocks.reshape(b, h // groups, groups, nq, nk)
+      # Tile (i, j) runs when some block it overlaps is on, for some batch
+      # row and head: cover[i, r] says whether tile i overlaps block r.
+      # (From iota, not NumPy: a partitioned op may close over no constants.)
+      def cover(num, size, num_blocks, block):
+        start = jnp.arange(num)[:, None] * size
+        first = jnp.arange(num_blocks)[None, :] * block
+        return ((first < start + size) & (first + block > start)).astype(jnp.int32)
+      bq, bk = v.block_size
+      on = blocks.any(axis=(0, 1)).astype(jnp.int32)
+      self.tiles_on = (cover(t.num_q, t.block_q, nq, bq) @ on
+                       @ cover(t.num_k, t.block_k, nk, bk).T) > 0
     if v.dropout_rate:
       self.dropout_seed = extras["dropout_seed"]
       # batch * num_heads + head of every [b, hk, g] position, counted in the
@@ -265,6 +283,26 @@ class _Extras:
     q, k = self.q_ids[i], self.kv_ids[j]
     return jnp.any((q.min(axis=1) <= k.max(axis=1))
                    & (k.min(axis=1) <= q.max(axis=1)))
+
+  def block_tile(self, i, j):
+    """[b', hk', g', block_q, block_k]: whether the block-sparse mask has the
+    block of each query of tile i and key of tile j on."""
+    t, (bq, bk) = self.t, self.t.variant.block_size
+    nq, nk = self.blocks.shape[-2:]
+    query_pos, key_pos = t.positions(i, j)
+    rows = jnp.minimum(query_pos[:, 0] // bq, nq - 1)
+    cols = jnp.minimum(key_pos[0] // bk, nk - 1)
+    return self.blocks[..., rows[:, None], cols[None, :]]
+
+  def tile_runs(self, i, j):
+    """Whether tile (i, j) can hold a visible pair beyond the window's bounds
+    (segments that can meet, a block that is on); None: always."""
+    v, conditions = self.t.variant, []
+    if v.segments:
+      conditions.append(self.tiles_meet(i, j))
+    if v.block_size:
+      conditions.append(self.tiles_on[i, j])
+    return functools.reduce(operator.and_, conditions) if conditions else None
 
 
 def _skip_unless(condition, compute, carry):
@@ -361,8 +399,7 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
             preferred_element_type=_F32)
         return new_max, row_sum, acc
 
-      meet = ex.tiles_meet(i, j) if variant.segments else None
-      return _skip_unless(meet, update, carry)
+      return _skip_unless(ex.tile_runs(i, j), update, carry)
 
     init = (jnp.full(rows, -jnp.inf, _F32) + zero, jnp.zeros(rows, _F32) + zero,
             jnp.zeros((*rows, v.shape[-1]), _F32) + zero)
@@ -458,8 +495,7 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
             "bhgqk,bhkd->bhgqd", ds, k_j, preferred_element_type=_F32)
         return lax.dynamic_update_index_in_dim(dq, dq_i, i, 0), dk, dv, d_ex
 
-      meet = ex.tiles_meet(i, j) if variant.segments else None
-      return _skip_unless(meet, update, carry)
+      return _skip_unless(ex.tile_runs(i, j), update, carry)
 
     dq, d_ex = carry
     init = (dq, jnp.zeros(k_j.shape, _F32) + zero,
