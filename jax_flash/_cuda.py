@@ -27,7 +27,8 @@ from jax_flash import xla
 from jax_flash.variants import Variant
 
 # Head dims the kernels are compiled for; other sizes are zero-padded to the next
-# one (zero columns change neither q.k nor the output of the real columns).
+# one (zero columns change neither q.k nor the output of the real columns). A
+# value head_dim other than the query's pads both to the larger.
 NATIVE_HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.float16, jnp.bfloat16)
 
@@ -236,7 +237,8 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
   a frame, a dense mask or bias runs the sm80 kernels; `extras` holds its
   arrays by name (`variants.ARRAY_NAMES`)."""
   b, sq, h, d = q.shape
-  dp = _padded_head_dim(d)
+  dv = v.shape[-1]
+  dp = _padded_head_dim(max(d, dv))
   operands, attrs = _variant_operands(variant, extras or {}, b, h)
   # The third result is the persistent kernel's tile counter (workspace).
   out, lse, _ = jax.ffi.ffi_call(
@@ -247,7 +249,7 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
       vmap_method="broadcast_all",
   )(_pad_last(q, dp), _pad_last(k, dp), _pad_last(v, dp), *operands,
     softmax_scale=np.float32(softmax_scale), causal=bool(causal), **attrs)
-  return _vary_like((out[..., :d], lse), (q, k, v))
+  return _vary_like((out[..., :dv], lse), (q, k, v))
 
 
 # Rows of a query block in the deterministic backward's turn counters: the
@@ -262,7 +264,7 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
   the float extras by name (the ALiBi slopes')."""
   b, sq, h, d = q.shape
   _, sk, hk, _ = k.shape
-  dp = _padded_head_dim(d)
+  dp = _padded_head_dim(max(d, v.shape[-1]))
   f32 = jnp.float32
   extras = extras or {}
   operands, attrs = _variant_operands(variant, extras, b, h)
@@ -289,4 +291,4 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
     if slopes.ndim == 1:
       dslopes = dslopes.sum(axis=0)
     d_extras["alibi_slopes"] = _vary_like((dslopes,), inputs)[0].astype(slopes.dtype)
-  return (*_vary_like((dq[..., :d], dk[..., :d], dv[..., :d]), inputs), d_extras)
+  return (*_vary_like((dq[..., :d], dk[..., :d], dv[..., :v.shape[-1]]), inputs), d_extras)

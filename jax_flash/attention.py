@@ -148,10 +148,10 @@ def make_plan(query, key, value, *, causal=False, softmax_scale=None,
   variant, extras = _check_variant(query, key, causal=bool(causal), **variant_kwargs)
   # What the CUDA kernels cannot run yet: such calls take the portable path.
   portable_only = tuple(f for f in variant.features if f not in _KERNEL_FEATURES)
-  if value.shape[-1] != head_dim:
-    portable_only += (f"value head_dim {value.shape[-1]} != query head_dim {head_dim}",)
   backend = _choose_backend(
-      implementation, query.dtype, head_dim, empty=query.shape[0] == 0,
+      # A value head_dim of its own: the kernels pad both to the larger.
+      implementation, query.dtype, max(head_dim, value.shape[-1]),
+      empty=query.shape[0] == 0,
       sizes=dict(batch=query.shape[0], heads=query.shape[2],
                  seq_q=query.shape[1], seq_k=key.shape[1]),
       portable_only=portable_only)

@@ -370,6 +370,31 @@ class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
     # results far beyond the rule.
     util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=causal,
                                   dropout_rate=rate, dropout_mask=mask, **more)
+    # The same key draws the same mask: results and gradients repeat bitwise.
+    fn = functools.partial(attention, causal=causal, dropout_rate=rate,
+                           return_lse=True, **more)
+    runs = [jax.device_get(jax.jit(lambda *a: _value_and_grads(fn, *a))(q, k, v, dout, dlse))
+            for _ in range(2)]
+    for name, first, second in zip(util.RESULT_NAMES, *runs):
+      np.testing.assert_array_equal(np.asarray(first), np.asarray(second), name)
+
+  @parameterized.named_parameters(
+      ("_d192_v128_causal", 192, 128, True, {}, "bf16"),
+      ("_d64_v128_window", 64, 128, False, dict(window_size=(100, 30)), "f16"),
+      ("_d128_v64_segments", 128, 64, True, dict(segment_ids="packed"), "bf16"),
+  )
+  def test_value_head_dim_of_its_own_matches_reference(self, head_dim, head_dim_v, causal,
+                                                        more, dtype):
+    q, k, _, _, dlse = self._inputs(seq_q=700, seq_k=900, head_dim=head_dim, dtype=dtype)
+    keys = jax.random.split(jax.random.key(10))
+    v = jax.random.normal(keys[0], k.shape[:3] + (head_dim_v,)).astype(q.dtype)
+    dout = jax.random.normal(keys[1], q.shape[:3] + (head_dim_v,)).astype(q.dtype)
+    more = dict(more)
+    if "segment_ids" in more:
+      more["segment_ids"] = self._segment_ids(more["segment_ids"], 700, 900)
+    got = util.assert_matches_reference(cuda_attention, q, k, v, dout, dlse,
+                                        causal=causal, **more)
+    self.assertEqual(got[0].shape, q.shape[:3] + (head_dim_v,))
 
 
 @_needs_cuda

@@ -384,6 +384,15 @@ class VariantArgumentsTest(parameterized.TestCase):
     self.assertIn("softcap = 2.500000e+00 : f32", text)
     self.assertIn(f"dropout_threshold = {2**30} : ui32", text)
 
+  def test_a_value_head_dim_of_its_own_runs_on_the_kernels(self):
+    q, k, _, _, _ = inputs(19, BF16, head_dim=96)
+    v = jnp.ones(k.shape[:3] + (40,), BF16)
+    with mock.patch.object(_cuda, "library_loaded", return_value=True):
+      text = jax.jit(jax_flash.flash_attention).trace(q, k, v).lower(
+          lowering_platforms=("cuda",)).as_text()
+    self.assertIn("jax_flash_fwd", text)
+    self.assertIn("tensor<2x37x4x128xbf16>", text)  # both padded to 128
+
   def test_segment_range_tables(self):
     ids = jnp.array([[0] * 70 + [1] * 60 + [-1] * 5, [3] * 64 + [2] * 71], jnp.int32)
     np.testing.assert_array_equal(
