@@ -24,6 +24,22 @@ struct SegmentIds {
   const int* kv_ranges;  // [batch, ceil(seq_k / kSegmentGranule), 4]
 };
 
+// Block sizes of a block-sparse mask are multiples of this, which every kernel
+// tile divides.
+inline constexpr int kBlockSparseGranule = 128;
+
+// A block-sparse mask as lists (common/block_sparse.cuh); q_lists == nullptr:
+// none. heads: 1 (one mask for every head) or the query heads.
+struct BlockSparseParams {
+  const int* q_lists;   // [batch, heads, num_q_blocks, num_k_blocks]: key blocks on, ascending
+  const int* q_counts;  // [batch, heads, num_q_blocks]
+  const int* k_lists;   // [batch, heads, num_k_blocks, num_q_blocks]: query blocks on
+  const int* k_counts;  // [batch, heads, num_k_blocks]
+  int block_q;
+  int block_k;
+  int heads;
+};
+
 // Dropout on the probabilities (common/dropout.cuh); seed == nullptr: none.
 struct DropoutParams {
   const uint32_t* seed;  // [2]: the Philox key
@@ -59,6 +75,7 @@ struct FwdParams {
   SegmentIds segments;
   const float* alibi_slopes;  // [batch, heads] (common/alibi.cuh); nullptr: none
   DropoutParams dropout;
+  BlockSparseParams block_sparse;
 };
 
 struct BwdParams {
@@ -88,19 +105,23 @@ struct BwdParams {
   const float* alibi_slopes;
   float* dalibi_slopes;  // [batch, heads], zeroed by the preprocess pass; with alibi_slopes
   DropoutParams dropout;
+  BlockSparseParams block_sparse;
 };
 
 inline constexpr int kDQTurnRows = 64;
 
 // The sm80 kernels come in three builds, as the variants read from arrays cost
-// registers even when off, and dropout most: none of them, segment ids and
-// ALiBi, or those and dropout. The one a call needs:
-enum Extras : int { kNoExtras = 0, kSegmentsAlibi = 1, kAllExtras = 2 };
+// registers even when off, and dropout most: none of them, the masks (segment
+// ids, block-sparse) and ALiBi, or those and dropout. The one a call needs:
+enum Extras : int { kNoExtras = 0, kMasksAlibi = 1, kAllExtras = 2 };
 
 template <typename Params>
 inline Extras extras_of(const Params& p) {
   if (p.dropout.seed != nullptr) return kAllExtras;
-  return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr ? kSegmentsAlibi : kNoExtras;
+  return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr ||
+                 p.block_sparse.q_lists != nullptr
+             ? kMasksAlibi
+             : kNoExtras;
 }
 
 }  // namespace jax_flash

@@ -206,6 +206,19 @@ def _segment_ranges(ids):
                     lax.cummin(lo, axis=1, reverse=True)], axis=-1)
 
 
+# Block sizes of a block-sparse mask the kernels take: multiples of this
+# (cuda/params.h agrees).
+BLOCK_SPARSE_GRANULE = 128
+
+
+def block_lists(blocks):
+  """(lists, counts) of a block mask [..., rows, cols]: per row the columns
+  that are on, ascending, then the others (never read), as int32; and how many
+  are on."""
+  lists = jnp.argsort(jnp.logical_not(blocks), axis=-1, stable=True).astype(jnp.int32)
+  return lists, blocks.sum(axis=-1, dtype=jnp.int32)
+
+
 def _variant_operands(variant: Variant, extras, batch: int, heads: int):
   """The kernels' variant arrays (each empty when unused) and attributes."""
   none_i32 = jnp.zeros((0,), jnp.int32)
@@ -223,12 +236,21 @@ def _variant_operands(variant: Variant, extras, batch: int, heads: int):
     seed = extras["dropout_seed"].astype(jnp.uint32)
     threshold = dropout_lib.threshold(variant.dropout_rate)
     scale = 1 / (1 - variant.dropout_rate)
+  sparse, block = [none_i32] * 4, (0, 0)
+  if variant.block_size:
+    # [b', h', nq, nk]: the batch dim made whole, as the kernels fold every
+    # leading dim (vmap's too) into the batch.
+    blocks = extras["block_mask"]
+    blocks = jnp.broadcast_to(blocks, (batch, *blocks.shape[1:]))
+    sparse = [*block_lists(blocks), *block_lists(jnp.swapaxes(blocks, -1, -2))]
+    block = variant.block_size
   attrs = dict(window_left=np.int32(variant.window[0]),
                window_right=np.int32(variant.window[1]),
                softcap=np.float32(variant.softcap),
                dropout_threshold=np.uint32(threshold),
-               dropout_scale=np.float32(scale))
-  return (*segments, slopes, seed), attrs
+               dropout_scale=np.float32(scale),
+               block_q=np.int32(block[0]), block_k=np.int32(block[1]))
+  return (*segments, slopes, seed, *sparse), attrs
 
 
 def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,

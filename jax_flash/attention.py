@@ -22,7 +22,7 @@ from jax_flash.variants import UNBOUNDED, Variant
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 # The variants the CUDA kernels run (on the sm80 family).
 _KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "segment_ids",
-                    "dropout_rate")
+                    "dropout_rate", "block_mask")
 IMPLEMENTATIONS = (None, "cuda", "xla")
 
 
@@ -148,6 +148,9 @@ def make_plan(query, key, value, *, causal=False, softmax_scale=None,
   variant, extras = _check_variant(query, key, causal=bool(causal), **variant_kwargs)
   # What the CUDA kernels cannot run yet: such calls take the portable path.
   portable_only = tuple(f for f in variant.features if f not in _KERNEL_FEATURES)
+  if variant.block_size and any(b % _cuda.BLOCK_SPARSE_GRANULE for b in variant.block_size):
+    portable_only += (f"block_mask block_size {variant.block_size} (the kernels take "
+                      f"multiples of {_cuda.BLOCK_SPARSE_GRANULE})",)
   backend = _choose_backend(
       # A value head_dim of its own: the kernels pad both to the larger.
       implementation, query.dtype, max(head_dim, value.shape[-1]),

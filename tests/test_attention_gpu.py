@@ -399,6 +399,69 @@ class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
 
 
 @_needs_cuda
+class CudaBlockSparseTest(parameterized.TestCase):
+  """Block-sparse masks on the kernels (the sm80 family on every GPU): only the
+  tiles of blocks that are on are visited, forward and backward."""
+
+  def _inputs(self, *, seq_q, seq_k, heads=4, kv_heads=2, head_dim=64, dtype="bf16"):
+    return _inputs(self.id(), batch=2, seq_q=seq_q, seq_k=seq_k, num_heads=heads,
+                   num_kv_heads=kv_heads, head_dim=head_dim, dtype=_DTYPES[dtype])
+
+  @parameterized.named_parameters(
+      ("_d64_quarter_causal", 64, True, 1000, 1000, 0.25, (), (128, 128), {}, "bf16"),
+      ("_d128_half_per_head", 128, False, 777, 1300, 0.5, (4,), (128, 128), {}, "f16"),
+      ("_d256_per_batch_and_head_gqa", 256, True, 515, 700, 0.4, (2, 4), (256, 128), {},
+       "bf16"),
+      ("_d64_wide_blocks_window", 64, False, 1500, 1500, 0.5, (), (128, 384),
+       dict(window_size=(500, 200)), "bf16"),
+      ("_d128_segments_softcap", 128, True, 1100, 1100, 0.6, (4,), (128, 128),
+       dict(segment_ids="packed", softcap=2.0), "bf16"),
+  )
+  def test_block_mask_matches_reference(self, head_dim, causal, seq_q, seq_k, density, lead,
+                                        block_size, more, dtype):
+    q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim,
+                                       dtype=dtype)
+    m = jax_flash.BlockSparseMask.random(jax.random.key(11), density, seq_q, seq_k,
+                                         shape=lead, block_size=block_size)
+    more = dict(more)
+    if "segment_ids" in more:
+      ids = util.packed_segments(5, 2, seq_q, 5)
+      more["segment_ids"] = (ids, ids)
+
+    def attention(q, k, v, mask=None, **kwargs):
+      del mask  # the reference's element mask; the kernels take the blocks
+      return cuda_attention(q, k, v, block_mask=m, **kwargs)
+
+    util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=causal,
+                                  mask=m.dense(seq_q, seq_k), **more)
+
+  def test_rows_whose_blocks_are_all_off_give_zero_and_finite_grads(self):
+    q, k, v, dout, _ = self._inputs(seq_q=512, seq_k=512)
+    m = jax_flash.BlockSparseMask(jnp.ones((4, 4), bool).at[2].set(False), (128, 128))
+    out, lse = cuda_attention(q, k, v, block_mask=m, return_lse=True)
+    np.testing.assert_array_equal(np.asarray(out[:, 256:384], np.float32), 0)
+    self.assertTrue(np.isneginf(np.asarray(lse[..., 256:384])).all())
+    grads = jax.grad(lambda q, k, v: jnp.sum(
+        cuda_attention(q, k, v, block_mask=m).astype(jnp.float32) * dout),
+        argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+      self.assertTrue(np.isfinite(np.asarray(g, np.float32)).all())
+
+  def test_deterministic_block_sparse_backward_is_bitwise_repeatable(self):
+    q, k, v, dout, dlse = self._inputs(seq_q=1100, seq_k=1100)
+    m = jax_flash.BlockSparseMask.butterfly(1100, 1100) | jax_flash.BlockSparseMask.local(
+        1100, 1100, 1)
+    fn = functools.partial(cuda_attention, deterministic=True, causal=True, block_mask=m,
+                           return_lse=True)
+    grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
+    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
+    for _ in range(9):
+      for name, want, got in zip(("dq", "dk", "dv"), first,
+                                 jax.device_get(grads(q, k, v, dout, dlse))):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+
+
+@_needs_cuda
 class CudaBehaviourTest(parameterized.TestCase):
 
   def _inputs(self, *, batch=2, seq_q=333, seq_k=333, heads=8, kv_heads=2,

@@ -73,6 +73,23 @@ class VariantsBenchmarkTest(absltest.TestCase):
       self.assertIn(title, table)
 
 
+class BlockSparseBenchmarkTest(absltest.TestCase):
+
+  def test_smoke_run_on_cpu_times_every_pattern_and_fits_the_overhead(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block_sparse.py"),
+                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
+                     check=True, cwd=ROOT, timeout=600, capture_output=True)
+      rows = [json.loads(line) for line in
+              (pathlib.Path(tmp) / "block-sparse-smoke.jsonl").read_text().splitlines()]
+      table = (pathlib.Path(tmp) / "block-sparse-smoke.md").read_text()
+    timed = {(r["mode"], r["pattern"]) for r in rows if "ms" in r}
+    for mode in ("fwd", "fwdbwd"):
+      for pattern in ("dense", "all on", "butterfly", "local", "random"):
+        self.assertIn((mode, pattern), timed)
+    self.assertIn("overhead", table)
+
+
 class RingBenchmarkTest(absltest.TestCase):
 
   def test_smoke_run_on_simulated_devices_times_every_mode(self):

@@ -215,14 +215,32 @@ class BlockSparseArgumentsTest(parameterized.TestCase):
     with self.assertRaisesRegex(error, message):
       portable(q, k, v, **kwargs)
 
-  def test_cuda_implementation_names_the_block_mask(self):
+  def test_cuda_implementation_names_a_block_size_the_kernels_cannot_map(self):
     q, k, v, _, _ = util.random_inputs(9, batch=2, seq_q=37, seq_k=53, num_heads=4,
                                        num_kv_heads=2, head_dim=16, dtype=BF16)
     with mock.patch.object(_cuda, "unavailable_reason", return_value=""), \
          mock.patch.object(_cuda, "unsupported_reason", return_value=""):
-      with self.assertRaisesRegex(ValueError, "block_mask"):
+      with self.assertRaisesRegex(ValueError, "block_size .16, 16."):
         jax_flash.flash_attention(q, k, v, implementation="cuda",
                                   block_mask=BlockSparseMask.local(37, 53, 1, (16, 16)))
+
+  def test_block_masks_of_whole_kernel_tiles_run_on_the_kernels(self):
+    q, k, v, _, _ = util.random_inputs(9, batch=2, seq_q=300, seq_k=530, num_heads=4,
+                                       num_kv_heads=2, head_dim=16, dtype=BF16)
+    m = BlockSparseMask.random(jax.random.key(0), 0.5, 300, 530, shape=(4,),
+                               block_size=(128, 256))
+    with mock.patch.object(_cuda, "library_loaded", return_value=True):
+      text = jax.jit(functools.partial(jax_flash.flash_attention, block_mask=m)).trace(
+          q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("jax_flash_fwd", text)
+    self.assertIn("block_q = 128 : i32", text)
+    self.assertIn("block_k = 256 : i32", text)
+
+  def test_block_lists(self):
+    blocks = jnp.array([[True, False, True], [False, False, False]])
+    lists, counts = _cuda.block_lists(blocks)
+    np.testing.assert_array_equal(counts, [2, 0])
+    np.testing.assert_array_equal(lists[0, :2], [0, 2])
 
   def test_variant_names_the_feature(self):
     self.assertEqual(Variant(block_size=(128, 128)).features, ("block_mask",))

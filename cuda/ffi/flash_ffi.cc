@@ -131,21 +131,49 @@ struct VariantBuffers {
   ffi::Buffer<ffi::S32> q_segment_ids, kv_segment_ids, q_segment_ranges, kv_segment_ranges;
   ffi::Buffer<ffi::F32> alibi_slopes;
   ffi::Buffer<ffi::U32> dropout_seed;
+  ffi::Buffer<ffi::S32> block_q_lists, block_q_counts, block_k_lists, block_k_counts;
 };
 
 struct Variants {
   SegmentIds segments{};
   const float* alibi_slopes = nullptr;
   DropoutParams dropout{};
+  BlockSparseParams block_sparse{};
   bool any() const {
-    return segments.q_ids != nullptr || alibi_slopes != nullptr || dropout.seed != nullptr;
+    return segments.q_ids != nullptr || alibi_slopes != nullptr || dropout.seed != nullptr ||
+           block_sparse.q_lists != nullptr;
   }
 };
 
 // Checks the variants' arrays against the shape (every leading dim of theirs
 // folds into the batch, as for q) and points the kernel parameters at them.
+// The lists of a block-sparse mask: [..., heads', rows, cols] with the
+// leading dims folding into the batch and heads' 1 or the query heads; counts
+// [..., heads', rows].
+ffi::Error check_block_lists(const AttentionShape& sh, const ffi::Buffer<ffi::S32>& lists,
+                             const ffi::Buffer<ffi::S32>& counts, int64_t rows, int64_t cols,
+                             int64_t* heads) {
+  auto d = lists.dimensions();
+  auto c = counts.dimensions();
+  const std::string got = dims_str(d) + " and " + dims_str(c);
+  if (d.size() < 3 || c.size() != d.size() - 1)
+    return invalid("block mask lists must be [batch, heads, rows, cols] with counts "
+                   "[batch, heads, rows], got " + got);
+  int64_t lead = 1;
+  for (size_t i = 0; i + 3 < d.size(); ++i) lead *= d[i];
+  const int64_t h = d[d.size() - 3];
+  if (lead != sh.batch || (h != 1 && h != sh.heads) || d[d.size() - 2] != rows ||
+      d[d.size() - 1] != cols || counts.element_count() != lead * h * rows)
+    return invalid("block mask lists must be [batch, 1 or heads, " + std::to_string(rows) +
+                   ", " + std::to_string(cols) + "] with counts [batch, 1 or heads, " +
+                   std::to_string(rows) + "], got " + got);
+  *heads = h;
+  return ffi::Error::Success();
+}
+
 ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
-                           uint32_t dropout_threshold, float dropout_scale, Variants* v) {
+                           uint32_t dropout_threshold, float dropout_scale, int32_t block_q,
+                           int32_t block_k, Variants* v) {
   const int64_t batch = sh.batch;
   auto granules = [](int64_t seq) { return (seq + kSegmentGranule - 1) / kSegmentGranule; };
   const int64_t seg_counts[4] = {b.q_segment_ids.element_count(),
@@ -181,6 +209,26 @@ ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
       return invalid("dropout_scale must be 1 / (1 - rate) for a rate in [0, 1)");
     v->dropout = {b.dropout_seed.typed_data(), dropout_threshold, dropout_scale};
   }
+  if (block_q != 0 || block_k != 0) {
+    if (block_q <= 0 || block_k <= 0 || block_q % kBlockSparseGranule != 0 ||
+        block_k % kBlockSparseGranule != 0)
+      return invalid("block mask block sizes must be positive multiples of " +
+                     std::to_string(kBlockSparseGranule) + ", got " + std::to_string(block_q) +
+                     " x " + std::to_string(block_k));
+    const int64_t nq = (int64_t(sh.seq_q) + block_q - 1) / block_q;
+    const int64_t nk = (int64_t(sh.seq_k) + block_k - 1) / block_k;
+    int64_t q_heads = 0, k_heads = 0;
+    if (auto err = check_block_lists(sh, b.block_q_lists, b.block_q_counts, nq, nk, &q_heads);
+        err.failure())
+      return err;
+    if (auto err = check_block_lists(sh, b.block_k_lists, b.block_k_counts, nk, nq, &k_heads);
+        err.failure())
+      return err;
+    if (q_heads != k_heads) return invalid("the block mask's two lists differ in heads");
+    v->block_sparse = {b.block_q_lists.typed_data(), b.block_q_counts.typed_data(),
+                       b.block_k_lists.typed_data(), b.block_k_counts.typed_data(),
+                       block_q, block_k, int(q_heads)};
+  }
   return ffi::Error::Success();
 }
 
@@ -200,9 +248,12 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    ffi::Buffer<ffi::S32> q_segment_ids, ffi::Buffer<ffi::S32> kv_segment_ids,
                    ffi::Buffer<ffi::S32> q_segment_ranges,
                    ffi::Buffer<ffi::S32> kv_segment_ranges, ffi::Buffer<ffi::F32> alibi_slopes,
-                   ffi::Buffer<ffi::U32> dropout_seed, float softmax_scale, bool causal,
+                   ffi::Buffer<ffi::U32> dropout_seed, ffi::Buffer<ffi::S32> block_q_lists,
+                   ffi::Buffer<ffi::S32> block_q_counts, ffi::Buffer<ffi::S32> block_k_lists,
+                   ffi::Buffer<ffi::S32> block_k_counts, float softmax_scale, bool causal,
                    int32_t window_left, int32_t window_right, float softcap,
-                   uint32_t dropout_threshold, float dropout_scale,
+                   uint32_t dropout_threshold, float dropout_scale, int32_t block_q,
+                   int32_t block_k,
                    ffi::Result<ffi::AnyBuffer> out,
                    ffi::Result<ffi::Buffer<ffi::F32>> lse,
                    ffi::Result<ffi::Buffer<ffi::S32>> tile_counter) {
@@ -222,8 +273,10 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   Variants var;
   if (auto err = decode_variants(shape,
                                  {q_segment_ids, kv_segment_ids, q_segment_ranges,
-                                  kv_segment_ranges, alibi_slopes, dropout_seed},
-                                 dropout_threshold, dropout_scale, &var);
+                                  kv_segment_ranges, alibi_slopes, dropout_seed,
+                                  block_q_lists, block_q_counts, block_k_lists,
+                                  block_k_counts},
+                                 dropout_threshold, dropout_scale, block_q, block_k, &var);
       err.failure())
     return err;
   const FwdLauncher launch =
@@ -233,7 +286,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
               softmax_scale, causal, window_left, window_right, softcap,
-              var.segments, var.alibi_slopes, var.dropout};
+              var.segments, var.alibi_slopes, var.dropout, var.block_sparse};
   return launched(launch(p, stream));
 }
 
@@ -242,9 +295,12 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::S32> q_segment_ids,
                    ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Buffer<ffi::S32> q_segment_ranges,
                    ffi::Buffer<ffi::S32> kv_segment_ranges, ffi::Buffer<ffi::F32> alibi_slopes,
-                   ffi::Buffer<ffi::U32> dropout_seed, float softmax_scale, bool causal,
+                   ffi::Buffer<ffi::U32> dropout_seed, ffi::Buffer<ffi::S32> block_q_lists,
+                   ffi::Buffer<ffi::S32> block_q_counts, ffi::Buffer<ffi::S32> block_k_lists,
+                   ffi::Buffer<ffi::S32> block_k_counts, float softmax_scale, bool causal,
                    int32_t window_left, int32_t window_right, float softcap,
-                   uint32_t dropout_threshold, float dropout_scale,
+                   uint32_t dropout_threshold, float dropout_scale, int32_t block_q,
+                   int32_t block_k,
                    bool deterministic, ffi::Result<ffi::AnyBuffer> dq,
                    ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                    ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
@@ -275,8 +331,10 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   Variants var;
   if (auto err = decode_variants(shape,
                                  {q_segment_ids, kv_segment_ids, q_segment_ranges,
-                                  kv_segment_ranges, alibi_slopes, dropout_seed},
-                                 dropout_threshold, dropout_scale, &var);
+                                  kv_segment_ranges, alibi_slopes, dropout_seed,
+                                  block_q_lists, block_q_counts, block_k_lists,
+                                  block_k_counts},
+                                 dropout_threshold, dropout_scale, block_q, block_k, &var);
       err.failure())
     return err;
   if (dalibi_slopes->element_count() != alibi_slopes.element_count())
@@ -308,7 +366,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               var.segments,
               var.alibi_slopes,
               var.alibi_slopes != nullptr ? dalibi_slopes->typed_data() : nullptr,
-              var.dropout};
+              var.dropout,
+              var.block_sparse};
   return launched(launch(p, stream));
 }
 
@@ -327,6 +386,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ranges
                                   .Arg<ffi::Buffer<ffi::F32>>()   // alibi_slopes
                                   .Arg<ffi::Buffer<ffi::U32>>()   // dropout_seed
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_q_lists
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_q_counts
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_k_lists
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_k_counts
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
@@ -334,6 +397,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashFwd, jax_flash::FwdImpl,
                                   .Attr<float>("softcap")
                                   .Attr<uint32_t>("dropout_threshold")
                                   .Attr<float>("dropout_scale")
+                                  .Attr<int32_t>("block_q")
+                                  .Attr<int32_t>("block_k")
                                   .Ret<ffi::AnyBuffer>()            // out
                                   .Ret<ffi::Buffer<ffi::F32>>()     // lse
                                   .Ret<ffi::Buffer<ffi::S32>>(),    // tile_counter workspace
@@ -355,6 +420,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // kv_segment_ranges
                                   .Arg<ffi::Buffer<ffi::F32>>()   // alibi_slopes
                                   .Arg<ffi::Buffer<ffi::U32>>()   // dropout_seed
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_q_lists
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_q_counts
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_k_lists
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // block_k_counts
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<int32_t>("window_left")
@@ -362,6 +431,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Attr<float>("softcap")
                                   .Attr<uint32_t>("dropout_threshold")
                                   .Attr<float>("dropout_scale")
+                                  .Attr<int32_t>("block_q")
+                                  .Attr<int32_t>("block_k")
                                   .Attr<bool>("deterministic")
                                   .Ret<ffi::AnyBuffer>()          // dq
                                   .Ret<ffi::AnyBuffer>()          // dk

@@ -9,7 +9,7 @@
 //      and adds its share of dQ into the fp32 accumulator with atomics;
 //   3. convert (bwd_passes.cuh): dq = scale * dq_accum in the input dtype.
 // Query blocks that cannot see the key block (causal, windows, segments that
-// cannot meet) are skipped, not masked. The variants enter the recomputed P as
+// cannot meet, blocks a block-sparse mask has off) are skipped, not masked. The variants enter the recomputed P as
 // in the forward; dropout weighs dV's P and dP, and the ALiBi slopes' gradient
 // -sum(dS * distance) is summed per warp and added with atomics.
 // A deterministic backward adds dQ in key-block order (dq_turns.cuh).
@@ -21,6 +21,7 @@
 
 #include "../common/alibi.cuh"
 #include "../common/block_order.cuh"
+#include "../common/block_sparse.cuh"
 #include "../common/bwd_passes.cuh"
 #include "../common/dq_turns.cuh"
 #include "../common/dropout.cuh"
@@ -39,6 +40,8 @@ struct BwdKernel {
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   static constexpr int kStages = Tile::kStages;
   static constexpr int kThreads = Tile::kWarps * 32;
+  static_assert(kBlockSparseGranule % kBlockM == 0 && kBlockSparseGranule % kBlockN == 0,
+                "a tile must lie in one block of a block-sparse mask");
   using SW = typename Tile::ScoreWarps;
   using KVW = typename Tile::KVWarps;
   using QW = typename Tile::QWarps;
@@ -103,35 +106,52 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const float scale_log2 = softmax_scale * kLog2e;
   const SegmentMask segments = kArrays ? SegmentMask::of(p, batch) : SegmentMask{};
 
-  // Query blocks [m_begin, m_begin + m_count) hold the queries that see these
-  // keys and whose segments they can reach.
+  const BlockSparse sparse = kArrays ? BlockSparse::of(p, batch) : BlockSparse{};
+
+  // Query blocks [m_begin, m_end) hold the queries that see these keys and
+  // whose segments they can reach.
   const int2 reach = segments.query_reach(n0, kBlockN);
   const int m_begin = max(mask.first_query(n0), reach.x) / kBlockM;
-  const int m_count = max(
-      0, (min(mask.query_end(n0, kBlockN), reach.y) + kBlockM - 1) / kBlockM - m_begin);
-  const int steps = group * m_count;
+  const int m_end = (min(mask.query_end(n0, kBlockN), reach.y) + kBlockM - 1) / kBlockM;
 
-  // Step -> (query head, first query row).
-  auto step_head = [&](int step) { return kv_head * group + step / m_count; };
-  auto step_m0 = [&](int step) { return (m_begin + step % m_count) * kBlockM; };
-  // The first step from `step` on whose queries' segments can meet these keys'.
-  auto taking_part_from = [&](int step) {
-    while (step < steps && !segments.blocks_meet(step_m0(step), kBlockM, n0, kBlockN)) ++step;
-    return step;
+  // The (query head, query block) pairs this key block visits, in order: the
+  // heads of its group in turn, each one's query blocks ascending, of those in
+  // [m_begin, m_end) the ones of blocks its block mask has on and whose segments
+  // can meet these keys'.
+  struct Visit {
+    int g;   // the query head within the group
+    int at;  // the position in the head's list of query blocks
+    int m;   // the query block; < 0: no more visits
+  };
+  const int k_block = sparse.on() ? n0 / sparse.b.block_k : 0;
+  const int q_tiles_per_block = sparse.on() ? sparse.b.block_q / kBlockM : 1;
+  auto settle = [&](Visit v) {  // the first visit at or after v
+    for (; v.g < group; ++v.g, v.at = 0, v.m = m_begin) {
+      const BlockList blocks = sparse.queries_of(kv_head * group + v.g, k_block);
+      while ((v.m = blocks.tile_from(v.m, m_end, q_tiles_per_block, v.at)) >= 0) {
+        if (segments.blocks_meet(v.m * kBlockM, kBlockM, n0, kBlockN)) return v;
+        ++v.m;
+      }
+    }
+    return Visit{group, 0, -1};
   };
   // This key block's turn among those adding to query block m0's dQ: the key
-  // blocks from the first that reaches it, less those whose segments cannot meet.
-  auto dq_turn = [&](int m0) {
-    if (!segments.on()) return n_block - mask.key_begin(m0) / kBlockN;
+  // blocks from the first that reaches it, less those whose segments cannot
+  // meet or whose blocks the block mask has off.
+  auto dq_turn = [&](int m0, int head) {
+    if (!segments.on() && !sparse.on()) return n_block - mask.key_begin(m0) / kBlockN;
     const int first = max(mask.key_begin(m0), segments.key_reach(m0, kBlockM).x) / kBlockN;
+    const BlockList keys = sparse.keys_of(head, sparse.on() ? m0 / sparse.b.block_q : 0);
+    const int k_tiles_per_block = sparse.on() ? sparse.b.block_k / kBlockN : 1;
     int turn = 0;
     for (int n = first; n < n_block; ++n)
-      turn += segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN);
+      turn += keys.contains(n / k_tiles_per_block) &&
+              segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN);
     return turn;
   };
 
-  auto load_stage = [&](int step, int s) {
-    const int head = step_head(step), m0 = step_m0(step);
+  auto load_stage = [&](Visit v, int s) {
+    const int head = kv_head * group + v.g, m0 = v.m * kBlockM;
     const int64_t q_offset = (int64_t(batch) * sh.seq_q + m0) * q_row_stride + head * kD;
     load_tile_async<kThreads>(sQ(s), static_cast<const T*>(p.q) + q_offset, q_row_stride,
                               sh.seq_q - m0, tid);
@@ -157,22 +177,22 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int q_m0 = (warp % K::QW::kWarpRows) * K::kQRows;
   const int q_n0 = (warp / K::QW::kWarpRows) * K::kQCols;
 
-  int step = taking_part_from(0);
-  if (step < steps) {
+  Visit visit = settle(Visit{0, 0, m_begin});
+  if (visit.m >= 0) {
     load_tile_async<kThreads>(sK, static_cast<const T*>(p.k) + kv_offset, kv_row_stride,
                               sh.seq_k - n0, tid);
     load_tile_async<kThreads>(sV, static_cast<const T*>(p.v) + kv_offset, kv_row_stride,
                               sh.seq_k - n0, tid);
-    load_stage(step, 0);
+    load_stage(visit, 0);
     cp_async_commit();
   }
 
-  for (int s = 0; step < steps; s ^= K::kStages - 1) {
-    const int head = step_head(step), m0 = step_m0(step);
-    const int next = taking_part_from(step + 1);
+  for (int s = 0; visit.m >= 0; s ^= K::kStages - 1) {
+    const int head = kv_head * group + visit.g, m0 = visit.m * kBlockM;
+    const Visit next = settle(Visit{visit.g, visit.at, visit.m + 1});
     cp_async_wait<0>();
     __syncthreads();  // this stage landed; every warp is done with the other one and with sP/sdS
-    if (K::kStages == 2 && next < steps) {
+    if (K::kStages == 2 && next.m >= 0) {
       load_stage(next, s ^ 1);
       cp_async_commit();
     }
@@ -256,7 +276,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     const DQTurns turns(p, batch, head, m0);
     if (turns.counter != nullptr) {
       // The first key block that reaches this query block takes turn 0.
-      if (tid == 0) turns.wait(dq_turn(m0));
+      if (tid == 0) turns.wait(dq_turn(m0, head));
       __syncthreads();
     }
 #pragma unroll
@@ -275,12 +295,12 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       if (tid == 0) turns.pass();
     }
 
-    if (K::kStages == 1 && next < steps) {
+    if (K::kStages == 1 && next.m >= 0) {
       __syncthreads();  // every warp is done with the single stage
       load_stage(next, 0);
       cp_async_commit();
     }
-    step = next;
+    visit = next;
   }
 
   // Epilogue: dK picks up the softmax scale here; dV needs none.
@@ -309,7 +329,7 @@ cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
   launch_bwd_preprocess<T, kD>(p, stream);
 
   auto kernel = extras_of(p) == kAllExtras       ? flash_bwd_kernel<T, kD, kAllExtras>
-                : extras_of(p) == kSegmentsAlibi ? flash_bwd_kernel<T, kD, kSegmentsAlibi>
+                : extras_of(p) == kMasksAlibi ? flash_bwd_kernel<T, kD, kMasksAlibi>
                                                  : flash_bwd_kernel<T, kD, kNoExtras>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);

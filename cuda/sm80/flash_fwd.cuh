@@ -5,7 +5,8 @@
 // QK^T and softmax, the next K during PV). Key blocks are visited from last to
 // first so that the ones needing a mask (the causal diagonal, the ragged end) come
 // first and the rest run unmasked; under a window only the blocks it reaches,
-// with packed documents only the blocks whose segments can meet these queries'.
+// with packed documents only the blocks whose segments can meet these queries',
+// with a block-sparse mask only the blocks it has on.
 // The variants act on the score tile in order: soft cap, ALiBi, mask; dropout
 // then on the probabilities, after the softmax has summed them. P never leaves
 // registers; the output is normalized once at the end and O and lse are
@@ -16,6 +17,7 @@
 
 #include "../common/alibi.cuh"
 #include "../common/block_order.cuh"
+#include "../common/block_sparse.cuh"
 #include "../common/dropout.cuh"
 #include "../common/mask.cuh"
 #include "../common/segments.cuh"
@@ -39,6 +41,8 @@ struct FwdKernel {
   static constexpr int kSmemBytes = TileQ::kBytes + 2 * TileKV::kBytes;
   using AccS = Accum<kMT, kBlockN / 8>;
   using AccO = Accum<kMT, kD / 8>;
+  static_assert(kBlockSparseGranule % kBlockM == 0 && kBlockSparseGranule % kBlockN == 0,
+                "a tile must lie in one block of a block-sparse mask");
   static __host__ __device__ TileOrder order(const FwdParams& p) {
     return {(p.shape.seq_q + kBlockM - 1) / kBlockM, p.shape.heads, p.shape.batch, p.causal,
             /*last_tile_longest=*/true};
@@ -78,14 +82,19 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   float* lse_out = p.lse + (int64_t(batch) * sh.heads + head) * sh.seq_q + m0;
 
   // Key blocks [n_begin, n_blocks) hold the keys these queries see and whose
-  // segments they can reach; of those, the ones whose segments can meet theirs
-  // take part.
+  // segments they can reach; of those, the ones of blocks the block mask has on
+  // and whose segments can meet theirs take part.
   const SegmentMask segments = kArrays ? SegmentMask::of(p, batch) : SegmentMask{};
+  const BlockSparse sparse = kArrays ? BlockSparse::of(p, batch) : BlockSparse{};
   const int2 reach = segments.key_reach(m0, kBlockM);
   const int n_begin = max(mask.key_begin(m0), reach.x) / kBlockN;
   const int n_blocks = (min(mask.key_end(m0, kBlockM), reach.y) + kBlockN - 1) / kBlockN;
-  auto taking_part_from = [&](int n) {  // the first block taking part, n down
-    while (n >= n_begin && !segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN)) --n;
+  const BlockList key_blocks = sparse.keys_of(head, sparse.on() ? m0 / sparse.b.block_q : 0);
+  const int tiles_per_block = sparse.on() ? sparse.b.block_k / kBlockN : 1;
+  int list_at = key_blocks.count - 1;
+  auto taking_part_below = [&](int n) {  // the next block taking part, n down; -1: none
+    do n = key_blocks.tile_below(n, n_begin, tiles_per_block, list_at);
+    while (n >= 0 && !segments.blocks_meet(m0, kBlockM, n * kBlockN, kBlockN));
     return n;
   };
   const SoftCap softcap = SoftCap::of(p);
@@ -101,13 +110,13 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   o.zero();
   OnlineSoftmax<K::kMT> softmax;
 
-  int n = taking_part_from(n_blocks - 1);
-  if (n >= n_begin) {
+  int n = taking_part_below(n_blocks);
+  if (n >= 0) {
     load_tile_async<kThreads>(sQ, q, q_row_stride, sh.seq_q - m0, tid);
     load_tile_async<kThreads>(sK, k + n * kBlockN * kv_row_stride, kv_row_stride,
                               sh.seq_k - n * kBlockN, tid);
     cp_async_commit();
-    while (n >= n_begin) {
+    while (n >= 0) {
       const int n0 = n * kBlockN;
       cp_async_wait<0>();
       __syncthreads();  // K[n] landed; every warp is done with V[n+1]
@@ -129,8 +138,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
 
       cp_async_wait<0>();
       __syncthreads();  // V[n] landed; every warp is done with K[n]
-      const int next = taking_part_from(n - 1);
-      if (next >= n_begin) {
+      const int next = taking_part_below(n);
+      if (next >= 0) {
         load_tile_async<kThreads>(sK, k + next * kBlockN * kv_row_stride, kv_row_stride,
                                   sh.seq_k - next * kBlockN, tid);
         cp_async_commit();
@@ -163,7 +172,7 @@ template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using K = FwdKernel<T, kD>;
   auto kernel = extras_of(p) == kAllExtras       ? flash_fwd_kernel<T, kD, kAllExtras>
-                : extras_of(p) == kSegmentsAlibi ? flash_fwd_kernel<T, kD, kSegmentsAlibi>
+                : extras_of(p) == kMasksAlibi ? flash_fwd_kernel<T, kD, kMasksAlibi>
                                                  : flash_fwd_kernel<T, kD, kNoExtras>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
