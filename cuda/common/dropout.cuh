@@ -29,7 +29,7 @@ struct Philox4x32 {
 };
 
 struct Dropout {
-  uint32_t k0, k1, threshold;
+  uint32_t key0, key1, threshold;  // the Philox key and the drop threshold
   uint32_t bh;  // batch * heads + head
   float scale;  // 1 / (1 - rate); 0: no dropout
 
@@ -43,32 +43,62 @@ struct Dropout {
 
   __device__ __forceinline__ bool on() const { return scale != 0.f; }
 
-  // The factors (0 or scale) of keys k and k + 1 (k even) for query q.
-  __device__ __forceinline__ float2 pair(int q, int k) const {
-    const Philox4x32 r(uint32_t(q), uint32_t(k) >> 2, bh, 0u, k0, k1);
-    const int w = k & 2;
-    return make_float2(r.x[w] >= threshold ? scale : 0.f, r.x[w + 1] >= threshold ? scale : 0.f);
-  }
-  __device__ __forceinline__ bool keeps(int q, int k) const {
-    const Philox4x32 r(uint32_t(q), uint32_t(k) >> 2, bh, 0u, k0, k1);
-    return r.x[k & 3] >= threshold;
-  }
+  // One Philox call yields the words of 4 consecutive keys for one query. A
+  // warp's share of an accumulator tile (16 rows x 8 columns per mma tile) needs
+  // 32 such calls: each lane makes one and the lanes exchange words by shuffles,
+  // where each thread drawing its own entries would repeat every call 2 or 4
+  // times.
 
-  // Multiplies an accumulator tile of probabilities (rows = queries, each
-  // thread's pairs of adjacent keys) by the factors.
+  // Multiplies an accumulator tile of probabilities (rows = queries from q0,
+  // columns = keys from k0, a multiple of 4) by 0 or scale.
   template <typename Acc>
   __device__ __forceinline__ void apply(Acc& s, int q0, int k0, int lane) const {
 #pragma unroll
     for (int mt = 0; mt < Acc::kMT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < Acc::kNT; ++nt)
+      for (int nt = 0; nt < Acc::kNT; ++nt) {
+        // Lane L draws for row L % 16 of the mma tile and key group L / 16 of its 8 columns.
+        const Philox4x32 r(uint32_t(q0 + mt * 16 + (lane & 15)),
+                           uint32_t(k0 + nt * 8) / 4 + uint32_t(lane >> 4), bh, 0u, key0, key1);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float2 f =
-              pair(q0 + Acc::row(mt, 2 * h, lane), k0 + Acc::col(nt, 2 * h, lane));
-          s.x[mt][nt][2 * h] *= f.x;
-          s.x[mt][nt][2 * h + 1] *= f.y;
+          // This thread's row (lane / 4 + 8 h) and keys 2 (lane % 4) + {0, 1}: key
+          // group (lane % 4) / 2, words 2 (lane % 2) + {0, 1}.
+          const int src = (lane >> 2) + 8 * h + 16 * ((lane & 3) >> 1);
+          uint32_t w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) w[j] = __shfl_sync(0xffffffffu, r.x[j], src);
+          const bool odd = lane & 1;
+          s.x[mt][nt][2 * h] *= (odd ? w[2] : w[0]) >= threshold ? scale : 0.f;
+          s.x[mt][nt][2 * h + 1] *= (odd ? w[3] : w[1]) >= threshold ? scale : 0.f;
         }
+      }
+  }
+
+  // Clears the bits of the entries dropout drops, in a transposed accumulator
+  // tile (rows = keys from k0, a multiple of 4; columns = queries from q0).
+  template <typename Acc, typename Bits>
+  __device__ __forceinline__ void keep_transposed(Bits& bits, int q0, int k0, int lane) const {
+    const int word = (lane >> 2) & 3;  // this thread's keys are lane / 4 (+ 8): word (lane / 4) % 4
+#pragma unroll
+    for (int mt = 0; mt < Acc::kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < Acc::kNT; ++nt) {
+        // Lane L draws for column L % 8 (a query) and key group L / 8 of the 16 rows.
+        const Philox4x32 r(uint32_t(q0 + nt * 8 + (lane & 7)),
+                           uint32_t(k0 + mt * 16) / 4 + uint32_t(lane >> 3), bh, 0u, key0, key1);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          // Row lane / 4 + 8 (i / 2): key group lane / 16 + 2 (i / 2); column
+          // 2 (lane % 4) + i % 2.
+          const int src = 2 * (lane & 3) + (i & 1) + 8 * ((lane >> 4) + 2 * (i >> 1));
+          uint32_t w[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) w[j] = __shfl_sync(0xffffffffu, r.x[j], src);
+          const uint32_t x = word == 0 ? w[0] : word == 1 ? w[1] : word == 2 ? w[2] : w[3];
+          if (x < threshold) bits.clear(mt, nt, i);
+        }
+      }
   }
 };
 

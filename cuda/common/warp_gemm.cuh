@@ -47,6 +47,10 @@ struct ElementBits {
     const int e = index(mt, nt, i);
     return (w[e / 32] >> (e % 32)) & 1u;
   }
+  __device__ __forceinline__ void clear(int mt, int nt, int i) {
+    const int e = index(mt, nt, i);
+    w[e / 32] &= ~(1u << (e % 32));
+  }
   // Clears the bits of the elements (mt, nt, i) for which keep(mt, nt, i) is false.
   template <typename Keep>
   __device__ __forceinline__ void keep_where(const Keep& keep) {

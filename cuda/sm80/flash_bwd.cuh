@@ -224,10 +224,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
                            n0 + s_m0 + K::AccS::row(mt, i, lane));
           });
     if (dropout.on())
-      kept.keep_where([&](int mt, int nt, int i) {
-        return dropout.keeps(m0 + s_n0 + K::AccS::col(nt, i, lane),
-                             n0 + s_m0 + K::AccS::row(mt, i, lane));
-      });
+      dropout.keep_transposed<typename K::AccS>(kept, m0 + s_n0, n0 + s_m0, lane);
     const float kept_scale = dropout.on() ? dropout.scale : 1.f;
     float dslope = 0.f;  // this thread's part of -sum(dS * distance)
 #pragma unroll
