@@ -105,8 +105,8 @@ ffi::Error not_compiled(const AttentionShape& s) {
 }
 
 // The launcher of the best kernel family for this device that has the
-// configuration. The variants (windows, soft cap, segments, ALiBi, dropout) run
-// on the sm80 family only (the sm90 kernels do not take them).
+// configuration. The sm90 forward takes windows and the soft cap; the other
+// variants, and every variant in the backward, run on the sm80 family only.
 template <typename Launcher, typename Find>
 Launcher pick(Find find, DType dtype, int head_dim, bool sm80_only) {
   Arch archs[kNumArchs];
@@ -232,8 +232,9 @@ ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
   return ffi::Error::Success();
 }
 
-// Whether the call asks for what only the sm80 kernels run.
-bool sm80_only(int32_t left, int32_t right, bool causal, float softcap, const Variants& v) {
+// Whether a forward or backward call asks for what only the sm80 kernels run.
+bool sm80_only_fwd(const Variants& v) { return v.any(); }
+bool sm80_only_bwd(int32_t left, int32_t right, bool causal, float softcap, const Variants& v) {
   return left >= 0 || (!causal && right >= 0) || softcap > 0.f || v.any();
 }
 
@@ -280,8 +281,7 @@ ffi::Error FwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
       err.failure())
     return err;
   const FwdLauncher launch =
-      pick<FwdLauncher>(find_fwd, dtype, shape.head_dim,
-                        sm80_only(window_left, window_right, causal, softcap, var));
+      pick<FwdLauncher>(find_fwd, dtype, shape.head_dim, sm80_only_fwd(var));
   if (!launch) return not_compiled(shape);
   FwdParams p{shape, q.untyped_data(), k.untyped_data(), v.untyped_data(),
               out->untyped_data(), lse->typed_data(), tile_counter->typed_data(),
@@ -342,7 +342,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    dims_str(alibi_slopes.dimensions()));
   const BwdLauncher launch =
       pick<BwdLauncher>(find_bwd, dtype, shape.head_dim,
-                        sm80_only(window_left, window_right, causal, softcap, var));
+                        sm80_only_bwd(window_left, window_right, causal, softcap, var));
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),

@@ -20,6 +20,7 @@
 
 #include "../common/block_order.cuh"
 #include "../common/mask.cuh"
+#include "../common/softcap.cuh"
 #include "../common/softmax.cuh"
 #include "../common/warp_gemm.cuh"
 #include "../params.h"
@@ -99,7 +100,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   const int warpgroup = warp >> 2;
   const TileOrder order = K::order(p);
   const AttentionMask mask = AttentionMask::of(p);
-  auto key_blocks = [&](int m0) { return (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN; };
+  // Key blocks [x, y) hold the keys the tile from m0 sees (all before its
+  // diagonal under a causal mask, those of its window under a window).
+  auto key_blocks = [&](int m0) {
+    const int end = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+    return make_int2(min(mask.key_begin(m0) / kBlockN, end), end);
+  };
   // Tiles end at the last query, so that a length that is not a multiple of
   // kBlockM leaves its rows before 0 in the first tile (Q reads them as zeros;
   // nothing writes them): under a causal mask that tile is the shortest, where
@@ -170,9 +176,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
-        const int n_blocks = key_blocks(m0);
+        const int2 keys = key_blocks(m0);
+        const int n_blocks = keys.y - keys.x;
         for (int i = 0; i < n_blocks; ++i, ++it) {
-          const int n0 = (n_blocks - 1 - i) * kBlockN, s = it % kStages;
+          const int n0 = (keys.y - 1 - i) * kBlockN, s = it % kStages;
           const uint32_t phase = (it / kStages) & 1;
           mbar_wait(empty_k(s), phase ^ 1);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
@@ -196,7 +203,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   regs_grow<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
   const int warp_row0 = consumer * 64 + (warp & 3) * 16;  // this warp's first row in a tile
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const SoftCap softcap = SoftCap::of(p);
+  const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
+  const float scale_log2 = softmax_scale * 1.4426950408889634f;
   // Descriptor of Q's k step 0; later steps add their byte offset / 16.
   const uint64_t q_desc = sw128_desc(sQ + consumer * 64 * 128, 16);
   const TensorCoreTurns<K::kConsumers> turns{consumer};
@@ -240,14 +249,16 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     release(empty_tile(k));
     if (bi.batch < 0) break;
     const int m0 = tile_m0(bi.tile);
-    const int n_blocks = key_blocks(m0);
+    const int2 keys = key_blocks(m0);
+    const int n_blocks = keys.y - keys.x;
     o.zero();
     OnlineSoftmax<1> softmax;
     // Scores of the i-th key block of this tile (landed in s_regs) ->
     // probabilities in place. Packing them into p_frags waits until no product
     // reads p_frags any more.
     auto softmax_step = [&](int i) {
-      const int n0 = (n_blocks - 1 - i) * kBlockN;
+      const int n0 = (keys.y - 1 - i) * kBlockN;
+      if (softcap.on()) softcap.apply(acc_s);  // before the mask: tanh(-inf) is -1
       if (mask.tile_needs_mask(m0 + warp_row0, 64, n0, kBlockN))
         mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
       softmax.update_scores(acc_s, scale_log2, alpha);
@@ -299,7 +310,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     }
 
     float lse[1][2];
-    softmax.finalize(o, p.softmax_scale, lse);
+    softmax.finalize(o, softmax_scale, lse);
 
     // Epilogue: each thread writes its pairs of columns straight to global
     // memory, so the next tile's products start right away.
