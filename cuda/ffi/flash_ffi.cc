@@ -105,8 +105,9 @@ ffi::Error not_compiled(const AttentionShape& s) {
 }
 
 // The launcher of the best kernel family for this device that has the
-// configuration. The sm90 forward takes windows and the soft cap; the other
-// variants, and every variant in the backward, run on the sm80 family only.
+// configuration. The sm90 forward takes windows, the soft cap, segment ids and
+// ALiBi; dropout, block-sparse masks and every variant in the backward run on
+// the sm80 family only.
 template <typename Launcher, typename Find>
 Launcher pick(Find find, DType dtype, int head_dim, bool sm80_only) {
   Arch archs[kNumArchs];
@@ -233,7 +234,9 @@ ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
 }
 
 // Whether a forward or backward call asks for what only the sm80 kernels run.
-bool sm80_only_fwd(const Variants& v) { return v.any(); }
+bool sm80_only_fwd(const Variants& v) {
+  return v.dropout.seed != nullptr || v.block_sparse.q_lists != nullptr;
+}
 bool sm80_only_bwd(int32_t left, int32_t right, bool causal, float softcap, const Variants& v) {
   return left >= 0 || (!causal && right >= 0) || softcap > 0.f || v.any();
 }

@@ -19,7 +19,9 @@
 #include <algorithm>
 
 #include "../common/block_order.cuh"
+#include "../common/alibi.cuh"
 #include "../common/mask.cuh"
+#include "../common/segments.cuh"
 #include "../common/softcap.cuh"
 #include "../common/softmax.cuh"
 #include "../common/warp_gemm.cuh"
@@ -71,7 +73,9 @@ struct FwdKernel {
   }
 };
 
-template <typename T, int kD>
+// kMasks: whether the kernel reads segment ids and ALiBi slopes (a build of its
+// own, as they cost registers even when off).
+template <typename T, int kD, bool kMasks>
 __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdArgs args) {
   using K = FwdKernel<T, kD>;
@@ -100,11 +104,16 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   const int warpgroup = warp >> 2;
   const TileOrder order = K::order(p);
   const AttentionMask mask = AttentionMask::of(p);
-  // Key blocks [x, y) hold the keys the tile from m0 sees (all before its
-  // diagonal under a causal mask, those of its window under a window).
-  auto key_blocks = [&](int m0) {
-    const int end = (mask.key_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
-    return make_int2(min(mask.key_begin(m0) / kBlockN, end), end);
+  // Key blocks [x, y) hold the keys the tile from m0 of `batch` sees (all
+  // before its diagonal under a causal mask, those of its window under a window)
+  // and whose segments its queries can reach. (Rows before 0 take no part.)
+  auto key_blocks = [&](int m0, const SegmentMask& segments) {
+    const int2 reach = segments.key_reach(max(m0, 0), kBlockM + min(m0, 0));
+    const int end = (min(mask.key_end(m0, kBlockM), reach.y) + kBlockN - 1) / kBlockN;
+    return make_int2(min(max(mask.key_begin(m0), reach.x) / kBlockN, end), end);
+  };
+  auto segments_of = [&](int batch) {
+    return kMasks ? SegmentMask::of(p, batch) : SegmentMask{};
   };
   // Tiles end at the last query, so that a length that is not a multiple of
   // kBlockM leaves its rows before 0 in the first tile (Q reads them as zeros;
@@ -176,7 +185,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
-        const int2 keys = key_blocks(m0);
+        const int2 keys = key_blocks(m0, segments_of(bi.batch));
         const int n_blocks = keys.y - keys.x;
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (keys.y - 1 - i) * kBlockN, s = it % kStages;
@@ -249,8 +258,14 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     release(empty_tile(k));
     if (bi.batch < 0) break;
     const int m0 = tile_m0(bi.tile);
-    const int2 keys = key_blocks(m0);
+    const SegmentMask segments = segments_of(bi.batch);
+    const Alibi alibi = kMasks ? Alibi::of(p, bi.batch, bi.head, softmax_scale) : Alibi{};
+    const int2 keys = key_blocks(m0, segments);
     const int n_blocks = keys.y - keys.x;
+    const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
+    auto visible = [&](int q_row, int k_col) {
+      return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
+    };
     o.zero();
     OnlineSoftmax<1> softmax;
     // Scores of the i-th key block of this tile (landed in s_regs) ->
@@ -259,8 +274,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     auto softmax_step = [&](int i) {
       const int n0 = (keys.y - 1 - i) * kBlockN;
       if (softcap.on()) softcap.apply(acc_s);  // before the mask: tanh(-inf) is -1
-      if (mask.tile_needs_mask(m0 + warp_row0, 64, n0, kBlockN))
-        mask_scores(acc_s, mask, m0 + warp_row0, n0, lane);
+      if (alibi.on()) alibi.apply(acc_s, q0, n0, lane);
+      if (mask.tile_needs_mask(q0, 64, n0, kBlockN) ||
+          (q0 + 16 > 0 && segments.tile_needs_mask(max(q0, 0), 16 + min(q0, 0), n0, kBlockN)))
+        mask_scores(acc_s, visible, q0, n0, lane);
       softmax.update_scores(acc_s, scale_log2, alpha);
     };
 
@@ -344,7 +361,8 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
       (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
-  auto kernel = flash_fwd_kernel<T, kD>;
+  auto kernel = extras_of(p) == kNoExtras ? flash_fwd_kernel<T, kD, false>
+                                           : flash_fwd_kernel<T, kD, true>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
   const TileOrder order = K::order(p);
