@@ -61,6 +61,15 @@ def _value_and_grads(fn, q, k, v, dout, dlse):
   return (out, lse, *pullback((dout, dlse)))
 
 
+def _assert_grads_repeat_bitwise(fn, inputs, *, runs: int):
+  """dq, dk, dv of fn (returning (out, lse)) bitwise equal over `runs` runs."""
+  grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
+  first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(*inputs))]
+  for _ in range(runs - 1):
+    for name, want, got in zip(("dq", "dk", "dv"), first, jax.device_get(grads(*inputs))):
+      np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+
+
 def _assert_finite(testcase, name, x):
   x = np.asarray(x, dtype=np.float32)
   bad = int(np.size(x) - np.isfinite(x).sum())
@@ -248,12 +257,7 @@ class CudaWindowTest(parameterized.TestCase):
                            window_size=(300, 0), return_lse=True)
     util.assert_matches_reference(
         lambda *a, **kw: fn(*a), q, k, v, dout, dlse, causal=True, window_size=(300, 0))
-    grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
-    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
-    for _ in range(9):
-      for name, want, got in zip(("dq", "dk", "dv"), first,
-                                 jax.device_get(grads(q, k, v, dout, dlse))):
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+    _assert_grads_repeat_bitwise(fn, (q, k, v, dout, dlse), runs=10)
 
 
 @_needs_cuda
@@ -303,12 +307,7 @@ class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
                            segment_ids=segments, return_lse=True)
     util.assert_matches_reference(lambda *a, **kw: fn(*a), q, k, v, dout, dlse,
                                   causal=True, segment_ids=segments)
-    grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
-    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
-    for _ in range(9):
-      for name, want, got in zip(("dq", "dk", "dv"), first,
-                                 jax.device_get(grads(q, k, v, dout, dlse))):
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+    _assert_grads_repeat_bitwise(fn, (q, k, v, dout, dlse), runs=10)
 
   @parameterized.named_parameters(
       ("_d64_causal_heads", 64, True, 1000, 1000, (4,), {}, "bf16"),
@@ -570,13 +569,8 @@ class CudaBehaviourTest(parameterized.TestCase):
     q, k, v, dout, dlse = self._inputs(seq_q=seq_q, seq_k=seq_k, head_dim=head_dim)
     fn = functools.partial(cuda_attention, deterministic=True)
     util.assert_matches_reference(fn, q, k, v, dout, dlse, causal=causal)
-    grads = jax.jit(lambda *a: _value_and_grads(
-        functools.partial(fn, causal=causal, return_lse=True), *a)[2:])
-    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
-    for _ in range(19):
-      for name, want, got in zip(("dq", "dk", "dv"), first,
-                                 jax.device_get(grads(q, k, v, dout, dlse))):
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+    _assert_grads_repeat_bitwise(functools.partial(fn, causal=causal, return_lse=True),
+                                 (q, k, v, dout, dlse), runs=20)
 
   @parameterized.parameters(64, 128, 256)
   def test_sm80_kernels_agree_with_the_default_family(self, head_dim):
