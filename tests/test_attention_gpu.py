@@ -452,12 +452,7 @@ class CudaBlockSparseTest(parameterized.TestCase):
         1100, 1100, 1)
     fn = functools.partial(cuda_attention, deterministic=True, causal=True, block_mask=m,
                            return_lse=True)
-    grads = jax.jit(lambda *a: _value_and_grads(fn, *a)[2:])
-    first = [np.asarray(g).view(np.uint16) for g in jax.device_get(grads(q, k, v, dout, dlse))]
-    for _ in range(9):
-      for name, want, got in zip(("dq", "dk", "dv"), first,
-                                 jax.device_get(grads(q, k, v, dout, dlse))):
-        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want, name)
+    _assert_grads_repeat_bitwise(fn, (q, k, v, dout, dlse), runs=10)
 
 
 @_needs_cuda
