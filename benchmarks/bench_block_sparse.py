@@ -1,12 +1,14 @@
 """Block-sparse attention on one GPU: time against the fraction of blocks on.
 
 For each sequence length and head_dim, dense jax_flash (no block mask), the
-same with a mask of every block on (the block-sparse path's fixed cost), and
-butterfly, local and random masks at several densities, forward and
-forward+backward, all in one process, non-causal. Per shape and mode a least-
-squares line time = overhead + slope * density through the random masks gives
-the fixed overhead; each row reports its time over (dense time x density) +
-that overhead, which FlashAttention's block-sparse claim keeps within 1.25.
+same with a mask of every block on (the block-sparse path's cost per tile) and
+with every block off (its floor: launches, the backward's passes over whole
+arrays, zeros written), and butterfly, local and random masks at several
+densities, forward and forward+backward, all in one process, non-causal. Per
+shape and mode a least-squares line time = overhead + slope * density through
+the random masks gives the fixed overhead and the time at density 0.25; each
+row reports its time over (dense time x density) + that overhead, which
+FlashAttention's block-sparse claim keeps within 1.25.
 
 Time: the median of repeats, the rows of a shape taking turns (bench_attention's
 time_calls). Writes <out-dir>/<name>.jsonl and .md and prints the table last.
@@ -41,7 +43,8 @@ def masks(seq: int, block: int, densities) -> list[tuple[str, float, BlockSparse
   """(pattern, density, mask) of every row of a shape."""
   n = -(-seq // block)
   size = (block, block)
-  rows = [("all on", 1.0, BlockSparseMask.local(seq, seq, None, size))]
+  rows = [("all on", 1.0, BlockSparseMask.local(seq, seq, None, size)),
+          ("all off", 0.0, BlockSparseMask(jax.numpy.zeros((n, n), bool), size))]
   butterfly = BlockSparseMask.butterfly(seq, seq, size)
   rows.append(("butterfly", float(butterfly.density()), butterfly))
   for density in densities:
@@ -89,7 +92,7 @@ def markdown(rows, command: str, seconds: float) -> str:
   device = jax.devices()[0].device_kind
   family = (" The sm80 kernel family served every call (JAX_FLASH_KERNELS=sm80)."
             if os.environ.get("JAX_FLASH_KERNELS") == "sm80" else
-            " On Hopper dense attention runs the sm90 kernels and block masks the sm80 ones.")
+            " On Hopper both run the sm90 kernels.")
   out = [f"# Block-sparse attention: {device}, {time.strftime('%Y-%m-%d')}", "",
          f"Command: `{command}`  ",
          f"jax {jax.__version__}, bf16, non-causal; ms = median time of one call (fwd) or "
@@ -105,8 +108,11 @@ def markdown(rows, command: str, seconds: float) -> str:
       dense = next((r for r in part if r["pattern"] == "dense" and "ms" in r), None)
       fit = overhead_fit(part)
       if fit:
+        at_quarter = fit[0] + 0.25 * fit[1]
         notes.append(f"- {label}, {mode}: overhead {fit[0]:.3f} ms, "
-                     f"slope {fit[1]:.3f} ms per unit density")
+                     f"slope {fit[1]:.3f} ms per unit density; at density 0.25 "
+                     f"{at_quarter:.3f} ms"
+                     + (f", {dense['ms'] / at_quarter:.2f}x dense" if dense else ""))
       for r in part:
         if "ms" not in r:
           cell = "OOM" if "RESOURCE_EXHAUSTED" in r.get("error", "") else "err"

@@ -164,7 +164,7 @@ def markdown(rows, command: str, seconds: float) -> str:
          "jax_flash runs windows, soft cap, ALiBi, segment ids and dropout on its sm80 "
          "kernel family, except that on Hopper the sm90 forward takes windows, the soft "
          "cap, segment ids and ALiBi (the dispatcher falls back to the sm80 family for "
-         "dropout and every backward); mask and bias on its portable path."
+         "dropout and these variants' backward); mask and bias on its portable path."
          + (" This run forced the sm80 family for every call (JAX_FLASH_KERNELS=sm80)."
             if os.environ.get("JAX_FLASH_KERNELS") == "sm80" else ""), ""]
   cell = lambda r: ("OOM" if "RESOURCE_EXHAUSTED" in r["error"] else "err") \

@@ -24,7 +24,7 @@ import numpy as np
 
 from jax_flash import dropout as dropout_lib
 from jax_flash import xla
-from jax_flash.variants import Variant
+from jax_flash.variants import BLOCK_INDEX_NAMES, Variant
 
 # Head dims the kernels are compiled for; other sizes are zero-padded to the next
 # one (zero columns change neither q.k nor the output of the real columns). A
@@ -211,14 +211,6 @@ def _segment_ranges(ids):
 BLOCK_SPARSE_GRANULE = 128
 
 
-def block_lists(blocks):
-  """(lists, counts) of a block mask [..., rows, cols]: per row the columns
-  that are on, ascending, then the others (never read), as int32; and how many
-  are on."""
-  lists = jnp.argsort(jnp.logical_not(blocks), axis=-1, stable=True).astype(jnp.int32)
-  return lists, blocks.sum(axis=-1, dtype=jnp.int32)
-
-
 def _variant_operands(variant: Variant, extras, batch: int, heads: int):
   """The kernels' variant arrays (each empty when unused) and attributes."""
   none_i32 = jnp.zeros((0,), jnp.int32)
@@ -238,11 +230,11 @@ def _variant_operands(variant: Variant, extras, batch: int, heads: int):
     scale = 1 / (1 - variant.dropout_rate)
   sparse, block = [none_i32] * 4, (0, 0)
   if variant.block_size:
-    # [b', h', nq, nk]: the batch dim made whole, as the kernels fold every
-    # leading dim (vmap's too) into the batch.
-    blocks = extras["block_mask"]
-    blocks = jnp.broadcast_to(blocks, (batch, *blocks.shape[1:]))
-    sparse = [*block_lists(blocks), *block_lists(jnp.swapaxes(blocks, -1, -2))]
+    # The mask's lists ([b', h', ...], from its BlockIndex) with the batch dim
+    # made whole, as the kernels fold every leading dim (vmap's too) into the
+    # batch.
+    sparse = [jnp.broadcast_to(x, (batch, *x.shape[1:]))
+              for x in (extras[name] for name in BLOCK_INDEX_NAMES)]
     block = variant.block_size
   attrs = dict(window_left=np.int32(variant.window[0]),
                window_right=np.int32(variant.window[1]),
@@ -256,8 +248,8 @@ def _variant_operands(variant: Variant, extras, batch: int, heads: int):
 def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
             variant: Variant = Variant()):
   """out [b, sq, h, d] (dtype of q), lse [b, h, sq] float32. Any variant but
-  a frame, a dense mask or bias runs the sm80 kernels; `extras` holds its
-  arrays by name (`variants.ARRAY_NAMES`)."""
+  a frame, a dense mask or bias runs on the kernels; `extras` holds its arrays
+  by name (`variants.ARRAY_NAMES`)."""
   b, sq, h, d = q.shape
   dv = v.shape[-1]
   dp = _padded_head_dim(max(d, dv))

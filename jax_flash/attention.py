@@ -17,10 +17,10 @@ from jax_flash import dropout
 from jax_flash import partition
 from jax_flash import xla
 from jax_flash.block_sparse import BlockSparseMask
-from jax_flash.variants import UNBOUNDED, Variant
+from jax_flash.variants import BLOCK_INDEX_NAMES, UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-# The variants the CUDA kernels run (on the sm80 family).
+# The variants the CUDA kernels run (the dispatcher in cuda/ffi picks the family).
 _KERNEL_FEATURES = ("window_size", "softcap", "alibi_slopes", "segment_ids",
                     "dropout_rate", "block_mask")
 IMPLEMENTATIONS = (None, "cuda", "xla")
@@ -330,7 +330,12 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
       raise ValueError(
           f"flash_attention: block_mask's leading dims {tuple(lead)} must broadcast to "
           f"[batch, num_heads] = ({batch}, {num_heads}), each 1 or that size")
-    extras["block_mask"] = blocks.reshape((1,) * (4 - blocks.ndim) + blocks.shape)
+    lead = (1,) * (2 - len(lead))
+    extras["block_mask"] = blocks.reshape(lead + blocks.shape)
+    index = block_mask.index
+    for name, x in zip(BLOCK_INDEX_NAMES, (index.q_lists, index.q_counts, index.k_lists,
+                                           index.k_counts)):
+      extras[name] = x.reshape(lead + x.shape)
     block_size = block_mask.block_size
 
   rate = _check_dropout_rate(dropout_rate)

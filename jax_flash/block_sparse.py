@@ -5,8 +5,11 @@ num_k_blocks] (leading dims broadcast over batch and heads) and its
 `block_size` (block_q, block_k). Passed as `flash_attention(...,
 block_mask=mask)`, query i sees key j only when block (i // block_q, j //
 block_k) is on; inside the blocks that are on, attention is exact, and the
-blocks that are off are skipped. It is a pytree whose `blocks` are the leaf, so
-a mask passes through `jax.jit`, and one mask serves every layer that shares it.
+blocks that are off are skipped. Building a mask also builds its `index`, the
+lists the CUDA kernels walk (per query block the key blocks that are on, per key
+block the query blocks), once: every call and every layer that reuses the mask
+reads the same lists. A mask is a pytree of `blocks` and the index, so it passes
+through `jax.jit`; built outside a jitted step, its lists are inputs of the step.
 
 The constructors give the patterns of the FlashAttention paper's block-sparse
 experiments: `local`, `global_blocks`, `butterfly`, `random`, or `from_dense`
@@ -46,13 +49,34 @@ def _check_length(name: str, length) -> int:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class BlockIndex:
+  """A block mask [..., num_q_blocks, num_k_blocks] as the kernels walk it:
+  per query block the key blocks that are on, ascending, then the others (never
+  read), and how many are on; per key block the same of the query blocks."""
+  q_lists: jax.Array   # int32 [..., num_q_blocks, num_k_blocks]
+  q_counts: jax.Array  # int32 [..., num_q_blocks]
+  k_lists: jax.Array   # int32 [..., num_k_blocks, num_q_blocks]
+  k_counts: jax.Array  # int32 [..., num_k_blocks]
+
+  @classmethod
+  def of(cls, blocks) -> "BlockIndex":
+    def lists(rows):
+      return (jnp.argsort(jnp.logical_not(rows), axis=-1, stable=True).astype(jnp.int32),
+              rows.sum(axis=-1, dtype=jnp.int32))
+    return cls(*lists(blocks), *lists(jnp.swapaxes(blocks, -1, -2)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class BlockSparseMask:
   """blocks: bool [..., num_q_blocks, num_k_blocks]; block_size: (block_q,
   block_k), the rows and columns of the score matrix one entry stands for (the
-  last block of a sequence may be partly past its end)."""
+  last block of a sequence may be partly past its end); index: the blocks as
+  lists (`BlockIndex`), built from `blocks` when not given."""
   blocks: jax.Array
   block_size: tuple[int, int] = dataclasses.field(
       default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
+  index: BlockIndex | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "block_size", _check_block_size(self.block_size))
@@ -65,6 +89,8 @@ class BlockSparseMask:
                          f"num_k_blocks], got shape {tuple(shape)}")
       if self.blocks.dtype != jnp.bool_:
         raise TypeError(f"BlockSparseMask: blocks must be boolean, got {self.blocks.dtype}")
+      if self.index is None:
+        object.__setattr__(self, "index", BlockIndex.of(self.blocks))
 
   @property
   def num_blocks(self) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_flash import ring as ring_lib
-from jax_flash.variants import Frame
+from jax_flash.variants import BLOCK_INDEX_NAMES, Frame
 
 # Logical dimensions of every operand and result: b batch, s queries, t keys,
 # h query heads, n key/value heads, d query/key head dim, e value head dim,
@@ -56,9 +56,9 @@ def _extra_dims(name: str, shape: tuple, full: dict) -> tuple:
     dims = "bhst"[4 - len(shape):]
     return tuple(d if size == full[d] and size > 1 else None
                  for d, size in zip(dims, shape))
-  if name == "block_mask":  # [b', h', query blocks, key blocks]
+  if name == "block_mask" or name in BLOCK_INDEX_NAMES:  # [b', h', blocks...]
     return tuple(d if size == full[d] and size > 1 else None
-                 for d, size in zip("bh", shape[:2])) + (None, None)
+                 for d, size in zip("bh", shape[:2])) + (None,) * (len(shape) - 2)
   return (None,) * len(shape)
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 
+# A block-sparse mask's lists (`block_sparse.BlockIndex`), as the kernels read them.
+BLOCK_INDEX_NAMES = ("block_q_lists", "block_q_counts", "block_k_lists", "block_k_counts")
 ARRAY_NAMES = ("alibi_slopes", "q_segment_ids", "kv_segment_ids", "mask", "bias",
-               "block_mask", "dropout_seed", "origin")
+               "block_mask", *BLOCK_INDEX_NAMES, "dropout_seed", "origin")
 UNBOUNDED = -1
 
 
@@ -34,8 +36,8 @@ class Variant:
   """window: (left, right) keys around the query's diagonal, UNBOUNDED for no
   limit; softcap and dropout_rate: 0 for none; the flags say which arrays come
   with the call; block_size: that of a block-sparse mask (its blocks come as
-  the array "block_mask", [batch', heads', num_q_blocks, num_k_blocks]), None
-  without one; frame: None, or the larger attention this call is a shard
+  the array "block_mask", [batch', heads', num_q_blocks, num_k_blocks], and its
+  index as the BLOCK_INDEX_NAMES, [batch', heads', ...]), None without one; frame: None, or the larger attention this call is a shard
   of."""
   window: tuple[int, int] = (UNBOUNDED, UNBOUNDED)
   softcap: float = 0.0

@@ -217,8 +217,9 @@ class CudaMatchesReferenceTest(parameterized.TestCase):
 
 @_needs_cuda
 class CudaWindowTest(parameterized.TestCase):
-  """Sliding windows and the soft cap on the kernels (the sm80 family on every
-  GPU): only the key blocks a window reaches are visited, in both passes."""
+  """Sliding windows and the soft cap on the kernels (on Hopper the sm90
+  forward and the sm80 backward): only the key blocks a window reaches are
+  visited, in both passes."""
 
   @parameterized.named_parameters(
       ("_d64_causal_left", 64, True, 1000, 1000, (128, 0), 4, 2, "bf16"),
@@ -262,8 +263,8 @@ class CudaWindowTest(parameterized.TestCase):
 
 @_needs_cuda
 class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
-  """Packed documents, ALiBi and dropout on the kernels (the sm80 family on
-  every GPU), alone and with causal masks, windows, the soft cap and GQA."""
+  """Packed documents, ALiBi and dropout on the kernels (on Hopper the sm90
+  forward but for dropout, the sm80 backward), alone and with causal masks, windows, the soft cap and GQA."""
 
   def _inputs(self, *, seq_q, seq_k, heads=4, kv_heads=2, head_dim=64, dtype="bf16"):
     return _inputs(self.id(), batch=2, seq_q=seq_q, seq_k=seq_k, num_heads=heads,
@@ -399,8 +400,9 @@ class CudaSegmentAlibiDropoutTest(parameterized.TestCase):
 
 @_needs_cuda
 class CudaBlockSparseTest(parameterized.TestCase):
-  """Block-sparse masks on the kernels (the sm80 family on every GPU): only the
-  tiles of blocks that are on are visited, forward and backward."""
+  """Block-sparse masks on the kernels (on Hopper the sm90 family, the sm80
+  backward when deterministic): only the tiles of blocks that are on are
+  visited, forward and backward."""
 
   def _inputs(self, *, seq_q, seq_k, heads=4, kv_heads=2, head_dim=64, dtype="bf16"):
     return _inputs(self.id(), batch=2, seq_q=seq_q, seq_k=seq_k, num_heads=heads,

@@ -86,7 +86,7 @@ class ConstructorsTest(absltest.TestCase):
   def test_a_mask_passes_through_jit_as_a_pytree(self):
     m = BlockSparseMask.butterfly(1024, 1024, (128, 128))
     leaves, treedef = jax.tree.flatten(m)
-    self.assertLen(leaves, 1)
+    self.assertLen(leaves, 5)  # the blocks and the index's four arrays
     self.assertEqual(jax.tree.unflatten(treedef, leaves).block_size, (128, 128))
     count = jax.jit(lambda m: (m & BlockSparseMask.local(1024, 1024, 1)).blocks.sum())(m)
     self.assertEqual(int(count), 8 + 2 * 4)  # the diagonal and offsets 1 (i ^ 1)
@@ -236,11 +236,32 @@ class BlockSparseArgumentsTest(parameterized.TestCase):
     self.assertIn("block_q = 128 : i32", text)
     self.assertIn("block_k = 256 : i32", text)
 
-  def test_block_lists(self):
+  def test_index_lists_the_blocks_that_are_on(self):
     blocks = jnp.array([[True, False, True], [False, False, False]])
-    lists, counts = _cuda.block_lists(blocks)
-    np.testing.assert_array_equal(counts, [2, 0])
-    np.testing.assert_array_equal(lists[0, :2], [0, 2])
+    index = BlockSparseMask(blocks, (128, 128)).index
+    np.testing.assert_array_equal(index.q_counts, [2, 0])
+    np.testing.assert_array_equal(index.q_lists[0, :2], [0, 2])
+    np.testing.assert_array_equal(index.k_counts, [1, 0, 1])
+    np.testing.assert_array_equal(index.k_lists[0, :1], [0])
+    np.testing.assert_array_equal(index.k_lists[2, :1], [0])
+
+  def test_index_is_built_once_per_mask(self):
+    """A mask built outside a jitted step brings its lists as inputs: the
+    step sorts nothing, however many calls share the mask."""
+    q, k, v, _, _ = util.random_inputs(3, batch=2, seq_q=512, seq_k=512, num_heads=4,
+                                       num_kv_heads=2, head_dim=64, dtype=BF16)
+    m = BlockSparseMask.random(jax.random.key(3), 0.5, 512, 512)
+
+    def two_layers(q, k, v, m):
+      out = jax_flash.flash_attention(q, k, v, block_mask=m)
+      return jax_flash.flash_attention(out, k, v, block_mask=m)
+
+    with mock.patch.object(_cuda, "library_loaded", return_value=True):
+      text = jax.jit(jax.grad(lambda *a: jnp.sum(two_layers(*a)))).trace(
+          q, k, v, m).lower(lowering_platforms=("cuda",)).as_text()
+    self.assertIn("jax_flash_fwd", text)
+    self.assertIn("jax_flash_bwd", text)
+    self.assertNotIn("sort", text)
 
   def test_variant_names_the_feature(self):
     self.assertEqual(Variant(block_size=(128, 128)).features, ("block_mask",))

@@ -31,6 +31,20 @@ struct BlockList {
     return false;
   }
 
+  // How many tiles of [begin, end) lie in blocks on the list (tiles_per_block
+  // tiles each), counted by `lanes` threads together: this one takes the list
+  // entries from `lane` in steps of `lanes`, and the caller sums the counts.
+  __device__ __forceinline__ int tiles_within(int begin, int end, int tiles_per_block, int lane,
+                                              int lanes) const {
+    if (list == nullptr) return lane == 0 ? max(end - begin, 0) : 0;
+    int tiles = 0;
+    for (int at = lane; at < count; at += lanes) {
+      const int lo = __ldg(list + at) * tiles_per_block;
+      tiles += max(0, min(end, lo + tiles_per_block) - max(begin, lo));
+    }
+    return tiles;
+  }
+
   // The highest tile below n, at least `begin`, of a block on the list
   // (tiles_per_block tiles each); -1 if none. `at`: the list position to start
   // from, moved down as blocks are passed (a walk calls this with n falling).

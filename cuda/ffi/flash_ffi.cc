@@ -140,10 +140,6 @@ struct Variants {
   const float* alibi_slopes = nullptr;
   DropoutParams dropout{};
   BlockSparseParams block_sparse{};
-  bool any() const {
-    return segments.q_ids != nullptr || alibi_slopes != nullptr || dropout.seed != nullptr ||
-           block_sparse.q_lists != nullptr;
-  }
 };
 
 // Checks the variants' arrays against the shape (every leading dim of theirs
@@ -234,11 +230,13 @@ ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
 }
 
 // Whether a forward or backward call asks for what only the sm80 kernels run.
-bool sm80_only_fwd(const Variants& v) {
-  return v.dropout.seed != nullptr || v.block_sparse.q_lists != nullptr;
-}
-bool sm80_only_bwd(int32_t left, int32_t right, bool causal, float softcap, const Variants& v) {
-  return left >= 0 || (!causal && right >= 0) || softcap > 0.f || v.any();
+// The sm90 backward takes a block-sparse mask, but not with a deterministic dQ.
+bool sm80_only_fwd(const Variants& v) { return v.dropout.seed != nullptr; }
+bool sm80_only_bwd(int32_t left, int32_t right, bool causal, float softcap, bool deterministic,
+                   const Variants& v) {
+  return left >= 0 || (!causal && right >= 0) || softcap > 0.f || v.segments.q_ids != nullptr ||
+         v.alibi_slopes != nullptr || v.dropout.seed != nullptr ||
+         (v.block_sparse.q_lists != nullptr && deterministic);
 }
 
 ffi::Error launched(cudaError_t err) {
@@ -345,7 +343,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    dims_str(alibi_slopes.dimensions()));
   const BwdLauncher launch =
       pick<BwdLauncher>(find_bwd, dtype, shape.head_dim,
-                        sm80_only_bwd(window_left, window_right, causal, softcap, var));
+                        sm80_only_bwd(window_left, window_right, causal, softcap, deterministic,
+                                      var));
   if (!launch) return not_compiled(shape);
   BwdParams p{shape,
               q.untyped_data(),

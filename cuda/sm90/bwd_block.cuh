@@ -9,6 +9,7 @@
 #include <math_constants.h>
 
 #include "../common/block_order.cuh"
+#include "../common/block_sparse.cuh"
 #include "../common/bwd_passes.cuh"
 #include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
@@ -25,26 +26,52 @@ struct BwdArgs {
 
 // The query blocks of a block of keys: those of every query head of its GQA
 // group (so the group's dK/dV are summed in registers), each head's from the
-// first one that sees the keys; `steps` in all.
+// first one that sees the keys and, with a block-sparse mask, in the blocks it
+// has on. Every role walks them alike: first(), then next() until done().
 struct BwdWalk {
-  int kv_head, batch, n0, group, m_begin, m_count, steps, block_m;
+  struct Visit {
+    int g;   // the query head within the group
+    int at;  // the position in the head's list of query blocks
+    int m;   // the query block; < 0: the walk is over
+    __device__ __forceinline__ bool done() const { return m < 0; }
+  };
+  int kv_head, batch, n0, group, m_begin, m_end, block_m;
+  BlockSparse sparse;  // off unless kSparse
+  int k_block, tiles_per_block;
 
-  __device__ __forceinline__ BwdWalk(const BwdParams& p, const BlockIndex& bi, int block_m_,
-                                     int block_n) {
+  template <bool kSparse>
+  __device__ __forceinline__ static BwdWalk of(const BwdParams& p, const BlockIndex& bi,
+                                               int block_m, int block_n) {
     const AttentionShape& sh = p.shape;
-    kv_head = bi.head;
-    batch = bi.batch;
-    n0 = bi.tile * block_n;
-    block_m = block_m_;
-    group = sh.heads / sh.kv_heads;
-    const AttentionMask mask = AttentionMask::of(p);
-    m_begin = mask.first_query(n0) / block_m;
-    m_count = (sh.seq_q + block_m - 1) / block_m - m_begin;
-    steps = group * m_count;
+    BwdWalk w;
+    w.kv_head = bi.head;
+    w.batch = bi.batch;
+    w.n0 = bi.tile * block_n;
+    w.block_m = block_m;
+    w.group = sh.heads / sh.kv_heads;
+    w.m_begin = AttentionMask::of(p).first_query(w.n0) / block_m;
+    w.m_end = (sh.seq_q + block_m - 1) / block_m;
+    w.sparse = kSparse ? BlockSparse::of(p, bi.batch) : BlockSparse{};
+    w.k_block = w.sparse.on() ? w.n0 / w.sparse.b.block_k : 0;
+    w.tiles_per_block = w.sparse.on() ? w.sparse.b.block_q / block_m : 1;
+    return w;
   }
-  __device__ __forceinline__ int head(int step) const { return kv_head * group + step / m_count; }
-  __device__ __forceinline__ int m0(int step) const {
-    return (m_begin + step % m_count) * block_m;
+  __device__ __forceinline__ Visit first() const { return settle({0, 0, m_begin}); }
+  __device__ __forceinline__ Visit next(Visit v) const {
+    ++v.m;
+    return settle(v);
+  }
+  __device__ __forceinline__ int head(const Visit& v) const { return kv_head * group + v.g; }
+  __device__ __forceinline__ int m0(const Visit& v) const { return v.m * block_m; }
+
+ private:
+  // The first visit at or after v.
+  __device__ __forceinline__ Visit settle(Visit v) const {
+    for (; v.g < group; ++v.g, v.at = 0, v.m = m_begin) {
+      const BlockList blocks = sparse.queries_of(kv_head * group + v.g, k_block);
+      if ((v.m = blocks.tile_from(v.m, m_end, tiles_per_block, v.at)) >= 0) return v;
+    }
+    return {group, 0, -1};
   }
 };
 
@@ -100,7 +127,7 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
   const BwdParams& p = args.p;
   const AttentionShape& sh = p.shape;
   constexpr int kStages = K::kStages, kBlockM = K::kBlockM, kBlockN = K::kBlockN;
-  if (warp == 0 && lane == 0 && walk.steps > 0) {
+  if (warp == 0 && lane == 0 && !walk.first().done()) {
     mbar_arrive_expect_tx(sm.full_kv(), 2 * K::kKVBytes);
 #pragma unroll
     for (int c = 0; c < K::kPanels; ++c) {
@@ -109,8 +136,9 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
       tma_load_4d(sm.v() + c * kBlockN * 128, &args.v, sm.full_kv(), c * 64, walk.kv_head,
                   walk.n0, walk.batch);
     }
-    for (int step = 0; step < walk.steps; ++step) {
-      const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+    int step = 0;
+    for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+      const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
       mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
       mbar_arrive_expect_tx(sm.full(s), 2 * K::kQBytes);
 #pragma unroll
@@ -122,8 +150,9 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
       }
     }
   } else if (warp == 1) {
-    for (int step = 0; step < walk.steps; ++step) {
-      const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+    int step = 0;
+    for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+      const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
       mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
       float* stats = sm.stats(s);
       for (int i = lane; i < kBlockM; i += 32) {
@@ -150,8 +179,9 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
 template <typename K, bool kDeterministic>
 __device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>& sm,
                                            const BwdWalk& walk, int key_block) {
-  for (int step = 0; step < walk.steps; ++step) {
-    const int head = walk.head(step), m0 = walk.m0(step);
+  int step = 0;
+  for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+    const int head = walk.head(visit), m0 = walk.m0(visit);
     auto add = [&](int w) {
 #pragma unroll
       for (int c = 0; c < K::kDQPanels; ++c)
@@ -200,11 +230,13 @@ __device__ __forceinline__ void bwd_producer_warpgroup(const BwdArgs& args, cons
   }
 }
 
-// The backward's three launches: the preprocess pass, kernel K (its
-// deterministic instantiation when p.dq_turns is set) and the dQ conversion.
+// The backward's three launches: the preprocess pass, `kernel` (an
+// instantiation of K's) and the dQ conversion.
 template <typename T, int kD, typename K>
-cudaError_t launch_bwd_passes(void (*deterministic)(BwdArgs), void (*plain)(BwdArgs),
-                              const BwdParams& p, cudaStream_t stream) {
+cudaError_t launch_bwd_passes(void (*kernel)(BwdArgs), const BwdParams& p, cudaStream_t stream) {
+  // The dQ turns count every key block, so a deterministic block-sparse
+  // backward is the sm80 family's (the FFI sends it there).
+  if (p.dq_turns != nullptr && p.block_sparse.q_lists != nullptr) return cudaErrorNotSupported;
   const AttentionShape& sh = p.shape;
   BwdArgs args;
   args.p = p;
@@ -215,7 +247,6 @@ cudaError_t launch_bwd_passes(void (*deterministic)(BwdArgs), void (*plain)(BwdA
       (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
-  auto kernel = p.dq_turns != nullptr ? deterministic : plain;
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   K::kSmemBytes)) != cudaSuccess)
     return err;

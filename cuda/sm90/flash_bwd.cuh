@@ -11,7 +11,8 @@
 //                                        memory; each computes half of dQ's
 //                                        columns into shared memory, for the
 //                                        dQ adder of bwd_block.cuh)
-// Causal query blocks that cannot see the key block are skipped, not masked.
+// Causal query blocks that cannot see the key block, and those a block-sparse
+// mask has off, are skipped, not masked.
 // A deterministic backward adds dQ in key-block order (dq_turns.cuh).
 #pragma once
 
@@ -97,7 +98,8 @@ struct BwdKernel {
 
 // kDeterministic: dQ additions in key-block order (p.dq_turns is set). A
 // template flag, since the turn-taking code costs the plain kernel registers.
-template <typename T, int kD, bool kDeterministic>
+// kSparse: the walk reads a block-sparse mask's lists (never with kDeterministic).
+template <typename T, int kD, bool kDeterministic, bool kSparse>
 __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     flash_bwd_kernel(const __grid_constant__ BwdArgs args) {
   using K = BwdKernel<T, kD>;
@@ -112,8 +114,9 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
   const BlockIndex bi = K::order(p).block();
-  const BwdWalk walk(p, bi, kBlockM, kBlockN);
-  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
+  const BwdWalk walk = BwdWalk::of<kSparse>(p, bi, kBlockM, kBlockN);
+  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0;
+  const BwdWalk::Visit first = walk.first();
   const AttentionMask mask = AttentionMask::of(p);
 
   if (tid == 0) {
@@ -233,12 +236,13 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // is computed and discarded: a product issued on only some paths of the
   // loop would make ptxas serialize every wgmma.)
   const TensorCoreTurns<2, 9> turns{consumer};
-  if (steps > 0) {
+  if (!first.done()) {
     turns.begin();
     mbar_wait(sm.full_kv(), 0);
   }
-  for (int step = 0; step < steps; ++step) {
-    const int s = step % kStages, m0 = walk.m0(step);
+  int step = 0;
+  for (BwdWalk::Visit visit = first; !visit.done(); visit = walk.next(visit), ++step) {
+    const int s = step % kStages, m0 = walk.m0(visit);
     mbar_wait(sm.full(s), (step / kStages) & 1);
     // The lse of this thread's queries, read before the products start (and
     // delta before the exponentials): a shared-memory load issued while the
@@ -334,11 +338,11 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     release(s);
     if (step > 0) stage_dq(step - 1);
   }
-  if (steps > 0) {
-    issue_dq(steps - 1);
+  if (step > 0) {
+    issue_dq(step - 1);
     wgmma_wait<0>();
     pin_dq();
-    stage_dq(steps - 1);
+    stage_dq(step - 1);
     turns.finish();
   }
 
@@ -364,8 +368,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
 template <typename T, int kD>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  return launch_bwd_passes<T, kD, BwdKernel<T, kD>>(flash_bwd_kernel<T, kD, true>,
-                                                    flash_bwd_kernel<T, kD, false>, p, stream);
+  auto kernel = p.block_sparse.q_lists != nullptr ? flash_bwd_kernel<T, kD, false, true>
+                : p.dq_turns != nullptr           ? flash_bwd_kernel<T, kD, true, false>
+                                                  : flash_bwd_kernel<T, kD, false, false>;
+  return launch_bwd_passes<T, kD, BwdKernel<T, kD>>(kernel, p, stream);
 }
 
 }  // namespace jax_flash::sm90

@@ -89,7 +89,8 @@ struct BwdWideKernel {
   }
 };
 
-template <typename T, int kD, bool kDeterministic>
+// kSparse: the walk reads a block-sparse mask's lists (never with kDeterministic).
+template <typename T, int kD, bool kDeterministic, bool kSparse>
 __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
     flash_bwd_wide_kernel(const __grid_constant__ BwdArgs args) {
   using K = BwdWideKernel<T, kD>;
@@ -104,8 +105,9 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
   const BlockIndex bi = K::order(p).block();
-  const BwdWalk walk(p, bi, kBlockM, kBlockN);
-  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0, steps = walk.steps;
+  const BwdWalk walk = BwdWalk::of<kSparse>(p, bi, kBlockM, kBlockN);
+  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0;
+  const BwdWalk::Visit first = walk.first();
   const AttentionMask mask = AttentionMask::of(p);
 
   if (tid == 0) sm.init_barriers();
@@ -136,9 +138,10 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   // the next step, both done with the previous step's products (which read them).
   constexpr int kPdsReady = 1, kPdsFree = 2;
 
-  if (steps > 0) mbar_wait(sm.full_kv(), 0);
-  for (int step = 0; step < steps; ++step) {
-    const int s = step % kStages, head = walk.head(step), m0 = walk.m0(step);
+  if (!first.done()) mbar_wait(sm.full_kv(), 0);
+  int step = 0;
+  for (BwdWalk::Visit visit = first; !visit.done(); visit = walk.next(visit), ++step) {
+    const int s = step % kStages, m0 = walk.m0(visit);
     mbar_wait(sm.full(s), (step / kStages) & 1);
     const float* stats = sm.stats(s);
     const float lse[2] = {stats[q_row0], stats[q_row0 + 8]};
@@ -280,8 +283,10 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
 
 template <typename T, int kD>
 cudaError_t launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
-  return launch_bwd_passes<T, kD, BwdWideKernel<T, kD>>(
-      flash_bwd_wide_kernel<T, kD, true>, flash_bwd_wide_kernel<T, kD, false>, p, stream);
+  auto kernel = p.block_sparse.q_lists != nullptr ? flash_bwd_wide_kernel<T, kD, false, true>
+                : p.dq_turns != nullptr           ? flash_bwd_wide_kernel<T, kD, true, false>
+                                                  : flash_bwd_wide_kernel<T, kD, false, false>;
+  return launch_bwd_passes<T, kD, BwdWideKernel<T, kD>>(kernel, p, stream);
 }
 
 }  // namespace jax_flash::sm90

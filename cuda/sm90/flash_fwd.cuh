@@ -11,15 +11,17 @@
 // gave up: S = Q K^T with both operands in shared memory, mask and online
 // softmax in registers, then O += P V with P straight from registers; each
 // writes its rows of O from registers and moves on. Key blocks are visited from
-// last to first, so the masked ones come first.
+// last to first, so the masked ones come first; with a block-sparse mask only
+// those of the blocks it has on.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
-#include "../common/block_order.cuh"
 #include "../common/alibi.cuh"
+#include "../common/block_order.cuh"
+#include "../common/block_sparse.cuh"
 #include "../common/mask.cuh"
 #include "../common/segments.cuh"
 #include "../common/softcap.cuh"
@@ -38,11 +40,19 @@ struct FwdArgs {
   FwdParams p;
 };
 
-template <typename T, int kD>
+// The forward's builds, by the arrays a call reads (they cost registers even
+// when off): none; segment ids and ALiBi slopes; those and a block-sparse mask.
+enum class FwdArrays { kNone, kMasks, kBlockSparse };
+
+template <typename T, int kD, FwdArrays kArrays = FwdArrays::kNone>
 struct FwdKernel {
   using Tile = FwdTile<kD>;
   static constexpr int kBlockN = Tile::kBlockN, kStages = Tile::kStages;
-  static constexpr int kConsumers = Tile::kConsumers;
+  // A query tile of a block-sparse mask lies in one of its blocks: at most
+  // kBlockSparseGranule queries, from a multiple of it.
+  static constexpr bool kSparse = kArrays == FwdArrays::kBlockSparse;
+  static constexpr int kConsumers =
+      kSparse ? std::min(Tile::kConsumers, kBlockSparseGranule / 64) : Tile::kConsumers;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kPanels = kD / 64;
@@ -67,18 +77,20 @@ struct FwdKernel {
   using AccS = Accum<1, kBlockN / 8>;
   using AccO = Accum<1, kD / 8>;
   static_assert(kD % 64 == 0 && kBlockN % 64 == 0, "tiles are whole 64-column panels");
+  static_assert(!kSparse || (kBlockSparseGranule % kBlockM == 0 &&
+                             kBlockSparseGranule % kBlockN == 0),
+                "a tile must lie in one block of a block-sparse mask");
   static __host__ __device__ TileOrder order(const FwdParams& p) {
     return {(p.shape.seq_q + kBlockM - 1) / kBlockM, p.shape.heads, p.shape.batch, p.causal,
             /*last_tile_longest=*/true};
   }
 };
 
-// kMasks: whether the kernel reads segment ids and ALiBi slopes (a build of its
-// own, as they cost registers even when off).
-template <typename T, int kD, bool kMasks>
-__global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
+template <typename T, int kD, FwdArrays kArrays>
+__global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdArgs args) {
-  using K = FwdKernel<T, kD>;
+  using K = FwdKernel<T, kD, kArrays>;
+  constexpr bool kMasks = kArrays != FwdArrays::kNone;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   const FwdParams& p = args.p;
   extern __shared__ uint8_t smem_raw[];
@@ -115,11 +127,33 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   auto segments_of = [&](int batch) {
     return kMasks ? SegmentMask::of(p, batch) : SegmentMask{};
   };
+  // Of those, the tiles of the key blocks the block mask has on for the tile
+  // from m0 (every one without a mask), walked from last to first by
+  // KeyTiles::next.
+  const int tiles_per_block = K::kSparse && p.block_sparse.q_lists != nullptr
+                                  ? p.block_sparse.block_k / kBlockN
+                                  : 1;
+  struct KeyTiles {
+    BlockList list;
+    int begin, n, at, tiles_per_block;
+    __device__ __forceinline__ int next() {
+      if constexpr (!K::kSparse) return --n;
+      n = list.tile_below(n, begin, tiles_per_block, at);
+      return n;
+    }
+  };
+  auto key_tiles = [&](const BlockIndex& bi, int m0, int2 keys) {
+    const BlockSparse sparse = K::kSparse ? BlockSparse::of(p, bi.batch) : BlockSparse{};
+    const BlockList list = sparse.keys_of(bi.head, sparse.on() ? m0 / sparse.b.block_q : 0);
+    return KeyTiles{list, keys.x, keys.y, list.count - 1, tiles_per_block};
+  };
   // Tiles end at the last query, so that a length that is not a multiple of
   // kBlockM leaves its rows before 0 in the first tile (Q reads them as zeros;
   // nothing writes them): under a causal mask that tile is the shortest, where
-  // the rows past the end of a last tile would have cost a whole key row.
-  const int row_pad = order.tiles * kBlockM - sh.seq_q;
+  // the rows past the end of a last tile would have cost a whole key row. A
+  // block-sparse mask's tiles start at its blocks instead, the rows past the
+  // end of the last one read as zeros and not written.
+  const int row_pad = K::kSparse ? 0 : order.tiles * kBlockM - sh.seq_q;
   auto tile_m0 = [&](int tile) { return tile * kBlockM - row_pad; };
 
   if (tid == 0) {
@@ -185,10 +219,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
-        const int2 keys = key_blocks(m0, segments_of(bi.batch));
-        const int n_blocks = keys.y - keys.x;
+        KeyTiles tiles = key_tiles(bi, m0, key_blocks(m0, segments_of(bi.batch)));
+        const int n_blocks = tiles.list.tiles_within(tiles.begin, tiles.n, tiles_per_block, 0, 1);
         for (int i = 0; i < n_blocks; ++i, ++it) {
-          const int n0 = (keys.y - 1 - i) * kBlockN, s = it % kStages;
+          const int n0 = tiles.next() * kBlockN, s = it % kStages;
           const uint32_t phase = (it / kStages) & 1;
           mbar_wait(empty_k(s), phase ^ 1);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
@@ -260,8 +294,11 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     const int m0 = tile_m0(bi.tile);
     const SegmentMask segments = segments_of(bi.batch);
     const Alibi alibi = kMasks ? Alibi::of(p, bi.batch, bi.head, softmax_scale) : Alibi{};
-    const int2 keys = key_blocks(m0, segments);
-    const int n_blocks = keys.y - keys.x;
+    KeyTiles tiles = key_tiles(bi, m0, key_blocks(m0, segments));
+    const int n_blocks =
+        K::kSparse ? __reduce_add_sync(~0u, tiles.list.tiles_within(tiles.begin, tiles.n,
+                                                                      tiles_per_block, lane, 32))
+                   : tiles.n - tiles.begin;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
     auto visible = [&](int q_row, int k_col) {
       return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
@@ -272,7 +309,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
     // probabilities in place. Packing them into p_frags waits until no product
     // reads p_frags any more.
     auto softmax_step = [&](int i) {
-      const int n0 = (keys.y - 1 - i) * kBlockN;
+      const int n0 = (K::kSparse ? tiles.next() : tiles.n - 1 - i) * kBlockN;
       if (softcap.on()) softcap.apply(acc_s);  // before the mask: tanh(-inf) is -1
       if (alibi.on()) alibi.apply(acc_s, q0, n0, lane);
       if (mask.tile_needs_mask(q0, 64, n0, kBlockN) ||
@@ -338,7 +375,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
-      if (m0 + row < 0) continue;
+      if (m0 + row < 0 || (K::kSparse && m0 + row >= sh.seq_q)) continue;
       T* dst = out + row * row_stride;
 #pragma unroll
       for (int nt = 0; nt < K::AccO::kNT; ++nt)
@@ -350,9 +387,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads, 1)
   if (took_turns) turns.finish();
 }
 
-template <typename T, int kD>
-cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
-  using K = FwdKernel<T, kD>;
+template <typename T, int kD, FwdArrays kArrays>
+cudaError_t launch_fwd_build(const FwdParams& p, cudaStream_t stream) {
+  using K = FwdKernel<T, kD, kArrays>;
   const AttentionShape& sh = p.shape;
   FwdArgs args;
   args.p = p;
@@ -361,8 +398,7 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
       (err = key_tensor_map<T>(&args.k, sh, p.k, K::kBlockN)) != cudaSuccess ||
       (err = key_tensor_map<T>(&args.v, sh, p.v, K::kBlockN)) != cudaSuccess)
     return err;
-  auto kernel = extras_of(p) == kNoExtras ? flash_fwd_kernel<T, kD, false>
-                                           : flash_fwd_kernel<T, kD, true>;
+  auto kernel = flash_fwd_kernel<T, kD, kArrays>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
   if (err != cudaSuccess) return err;
   const TileOrder order = K::order(p);
@@ -372,6 +408,14 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   if ((err = cudaMemsetAsync(p.tile_counter, 0, sizeof(int), stream)) != cudaSuccess) return err;
   kernel<<<std::min(order.count(), sms), K::kThreads, K::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <typename T, int kD>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (p.block_sparse.q_lists != nullptr)
+    return launch_fwd_build<T, kD, FwdArrays::kBlockSparse>(p, stream);
+  if (extras_of(p) != kNoExtras) return launch_fwd_build<T, kD, FwdArrays::kMasks>(p, stream);
+  return launch_fwd_build<T, kD, FwdArrays::kNone>(p, stream);
 }
 
 }  // namespace jax_flash::sm90
