@@ -137,7 +137,6 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     BlockList list;
     int begin, n, at, tiles_per_block;
     __device__ __forceinline__ int next() {
-      if constexpr (!K::kSparse) return --n;
       n = list.tile_below(n, begin, tiles_per_block, at);
       return n;
     }
@@ -219,10 +218,14 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
-        KeyTiles tiles = key_tiles(bi, m0, key_blocks(m0, segments_of(bi.batch)));
-        const int n_blocks = tiles.list.tiles_within(tiles.begin, tiles.n, tiles_per_block, 0, 1);
+        const int2 keys = key_blocks(m0, segments_of(bi.batch));
+        KeyTiles tiles = key_tiles(bi, m0, keys);
+        const int n_blocks = K::kSparse ? tiles.list.tiles_within(keys.x, keys.y,
+                                                                  tiles_per_block, 0, 1)
+                                        : keys.y - keys.x;
         for (int i = 0; i < n_blocks; ++i, ++it) {
-          const int n0 = tiles.next() * kBlockN, s = it % kStages;
+          const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
+          const int s = it % kStages;
           const uint32_t phase = (it / kStages) & 1;
           mbar_wait(empty_k(s), phase ^ 1);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
@@ -294,11 +297,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     const int m0 = tile_m0(bi.tile);
     const SegmentMask segments = segments_of(bi.batch);
     const Alibi alibi = kMasks ? Alibi::of(p, bi.batch, bi.head, softmax_scale) : Alibi{};
-    KeyTiles tiles = key_tiles(bi, m0, key_blocks(m0, segments));
+    const int2 keys = key_blocks(m0, segments);
+    KeyTiles tiles = key_tiles(bi, m0, keys);
     const int n_blocks =
-        K::kSparse ? __reduce_add_sync(~0u, tiles.list.tiles_within(tiles.begin, tiles.n,
+        K::kSparse ? __reduce_add_sync(~0u, tiles.list.tiles_within(keys.x, keys.y,
                                                                       tiles_per_block, lane, 32))
-                   : tiles.n - tiles.begin;
+                   : keys.y - keys.x;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
     auto visible = [&](int q_row, int k_col) {
       return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
@@ -309,7 +313,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     // probabilities in place. Packing them into p_frags waits until no product
     // reads p_frags any more.
     auto softmax_step = [&](int i) {
-      const int n0 = (K::kSparse ? tiles.next() : tiles.n - 1 - i) * kBlockN;
+      const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
       if (softcap.on()) softcap.apply(acc_s);  // before the mask: tanh(-inf) is -1
       if (alibi.on()) alibi.apply(acc_s, q0, n0, lane);
       if (mask.tile_needs_mask(q0, 64, n0, kBlockN) ||
