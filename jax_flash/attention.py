@@ -16,7 +16,7 @@ from jax_flash import _cuda
 from jax_flash import dropout
 from jax_flash import partition
 from jax_flash import xla
-from jax_flash.block_sparse import BlockSparseMask
+from jax_flash.block_sparse import BlockIndex, BlockSparseMask
 from jax_flash.variants import BLOCK_INDEX_NAMES, UNBOUNDED, Variant
 
 DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -330,11 +330,14 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
       raise ValueError(
           f"flash_attention: block_mask's leading dims {tuple(lead)} must broadcast to "
           f"[batch, num_heads] = ({batch}, {num_heads}), each 1 or that size")
+    index = block_mask.index
+    if not (isinstance(index, BlockIndex) and index.fits(blocks)):
+      raise ValueError("flash_attention: block_mask's index does not match its blocks; "
+                       "build masks with BlockSparseMask's constructors, & and |")
     lead = (1,) * (2 - len(lead))
     extras["block_mask"] = blocks.reshape(lead + blocks.shape)
-    index = block_mask.index
-    for name, x in zip(BLOCK_INDEX_NAMES, (index.q_lists, index.q_counts, index.k_lists,
-                                           index.k_counts)):
+    for name, x in zip(BLOCK_INDEX_NAMES, (index.q_lists, index.q_counts[..., 0],
+                                           index.k_lists, index.k_counts[..., 0])):
       extras[name] = x.reshape(lead + x.shape)
     block_size = block_mask.block_size
 

@@ -52,45 +52,59 @@ def _check_length(name: str, length) -> int:
 class BlockIndex:
   """A block mask [..., num_q_blocks, num_k_blocks] as the kernels walk it:
   per query block the key blocks that are on, ascending, then the others (never
-  read), and how many are on; per key block the same of the query blocks."""
+  read), and how many are on; per key block the same of the query blocks. Every
+  array has the rank of the mask, so one sharding or vmap axis fits them all."""
   q_lists: jax.Array   # int32 [..., num_q_blocks, num_k_blocks]
-  q_counts: jax.Array  # int32 [..., num_q_blocks]
+  q_counts: jax.Array  # int32 [..., num_q_blocks, 1]
   k_lists: jax.Array   # int32 [..., num_k_blocks, num_q_blocks]
-  k_counts: jax.Array  # int32 [..., num_k_blocks]
+  k_counts: jax.Array  # int32 [..., num_k_blocks, 1]
 
   @classmethod
   def of(cls, blocks) -> "BlockIndex":
     def lists(rows):
       return (jnp.argsort(jnp.logical_not(rows), axis=-1, stable=True).astype(jnp.int32),
-              rows.sum(axis=-1, dtype=jnp.int32))
+              rows.sum(axis=-1, keepdims=True, dtype=jnp.int32))
     return cls(*lists(blocks), *lists(jnp.swapaxes(blocks, -1, -2)))
 
+  def fits(self, blocks) -> bool:
+    """Whether the shapes are those of the index of `blocks`."""
+    *lead, nq, nk = blocks.shape
+    lead = tuple(lead)
+    return (tuple(self.q_lists.shape) == (*lead, nq, nk)
+            and tuple(self.q_counts.shape) == (*lead, nq, 1)
+            and tuple(self.k_lists.shape) == (*lead, nk, nq)
+            and tuple(self.k_counts.shape) == (*lead, nk, 1))
 
-@jax.tree_util.register_dataclass
+
 @dataclasses.dataclass(frozen=True)
 class BlockSparseMask:
   """blocks: bool [..., num_q_blocks, num_k_blocks]; block_size: (block_q,
   block_k), the rows and columns of the score matrix one entry stands for (the
-  last block of a sequence may be partly past its end); index: the blocks as
-  lists (`BlockIndex`), built from `blocks` when not given."""
+  last block of a sequence may be partly past its end). `index` (`BlockIndex`)
+  is built from `blocks` by the constructor; a function mapped over the mask's
+  leaves (slicing leading dims, moving it to devices) reaches it too.
+
+  Given something other than an array as `blocks` (a vmap axis, a sharding: a
+  prefix of a mask's pytree), the index holds the same for each of its arrays.
+  """
   blocks: jax.Array
-  block_size: tuple[int, int] = dataclasses.field(
-      default=DEFAULT_BLOCK_SIZE, metadata=dict(static=True))
-  index: BlockIndex | None = None
+  block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE
+  index: BlockIndex = dataclasses.field(init=False, repr=False, compare=False)
 
   def __post_init__(self):
     object.__setattr__(self, "block_size", _check_block_size(self.block_size))
-    shape = getattr(self.blocks, "shape", None)
-    # Inside transformations the leaf may be a tracer or a placeholder object;
-    # only arrays are checked.
-    if shape is not None and hasattr(self.blocks, "dtype"):
-      if len(shape) < 2:
+    blocks = self.blocks
+    if isinstance(blocks, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
+      if len(blocks.shape) < 2:
         raise ValueError("BlockSparseMask: blocks must be [..., num_q_blocks, "
-                         f"num_k_blocks], got shape {tuple(shape)}")
-      if self.blocks.dtype != jnp.bool_:
-        raise TypeError(f"BlockSparseMask: blocks must be boolean, got {self.blocks.dtype}")
-      if self.index is None:
-        object.__setattr__(self, "index", BlockIndex.of(self.blocks))
+                         f"num_k_blocks], got shape {tuple(blocks.shape)}")
+      if blocks.dtype != jnp.bool_:
+        raise TypeError(f"BlockSparseMask: blocks must be boolean, got {blocks.dtype}")
+      index = (jax.eval_shape(BlockIndex.of, blocks)
+               if isinstance(blocks, jax.ShapeDtypeStruct) else BlockIndex.of(blocks))
+    else:
+      index = BlockIndex(blocks, blocks, blocks, blocks)
+    object.__setattr__(self, "index", index)
 
   @property
   def num_blocks(self) -> tuple[int, int]:
@@ -226,3 +240,21 @@ class BlockSparseMask:
       raise ValueError(f"BlockSparseMask.random: density must be in [0, 1], got {density}")
     nq, nk = _num_blocks(seq_q, block_q), _num_blocks(seq_k, block_k)
     return cls(jax.random.bernoulli(key, density, (*shape, nq, nk)), (block_q, block_k))
+
+
+def _flatten_mask(mask):
+  return (mask.blocks, mask.index), mask.block_size
+
+
+def _unflatten_mask(block_size, children):
+  # Leaves come back as they went (arrays, tracers, placeholders): the index is
+  # theirs, not rebuilt.
+  mask = object.__new__(BlockSparseMask)
+  for name, value in zip(("blocks", "index"), children):
+    object.__setattr__(mask, name, value)
+  object.__setattr__(mask, "block_size", block_size)
+  return mask
+
+
+jax.tree_util.register_pytree_node(BlockSparseMask, _flatten_mask, _unflatten_mask)
+

@@ -4,6 +4,7 @@ masks at several densities, lengths that do not fill the last block, causal,
 GQA, outputs and gradients), rows whose blocks are all off, the blocks the
 path skips, jit, sharding, and the argument checks."""
 
+import dataclasses
 import functools
 from unittest import mock
 
@@ -239,11 +240,47 @@ class BlockSparseArgumentsTest(parameterized.TestCase):
   def test_index_lists_the_blocks_that_are_on(self):
     blocks = jnp.array([[True, False, True], [False, False, False]])
     index = BlockSparseMask(blocks, (128, 128)).index
-    np.testing.assert_array_equal(index.q_counts, [2, 0])
+    np.testing.assert_array_equal(index.q_counts[..., 0], [2, 0])
     np.testing.assert_array_equal(index.q_lists[0, :2], [0, 2])
-    np.testing.assert_array_equal(index.k_counts, [1, 0, 1])
+    np.testing.assert_array_equal(index.k_counts[..., 0], [1, 0, 1])
     np.testing.assert_array_equal(index.k_lists[0, :1], [0])
     np.testing.assert_array_equal(index.k_lists[2, :1], [0])
+
+  def test_index_follows_the_blocks(self):
+    m = BlockSparseMask.random(jax.random.key(1), 0.5, 512, 640, shape=(3,))
+    off = jnp.zeros_like(m.blocks)
+    for mask in (dataclasses.replace(m, blocks=off), m & BlockSparseMask(off)):
+      np.testing.assert_array_equal(mask.index.q_counts, 0)
+      np.testing.assert_array_equal(mask.index.k_counts, 0)
+    first = jax.tree.map(lambda x: x[0], m)  # a function over the leaves
+    np.testing.assert_array_equal(first.index.q_lists, BlockSparseMask(m.blocks[0]).index.q_lists)
+
+  def test_a_mask_of_shapes_has_an_index_of_shapes(self):
+    spec = BlockSparseMask(jax.ShapeDtypeStruct((2, 4, 4), jnp.bool_))
+    self.assertEqual(spec.index.q_lists.shape, (2, 4, 4))
+    self.assertEqual(spec.index.k_counts.shape, (2, 4, 1))
+
+  def test_a_mask_as_a_vmap_prefix_maps_its_index_too(self):
+    q, k, v, _, _ = util.random_inputs(5, batch=3, seq_q=256, seq_k=256, num_heads=2,
+                                       num_kv_heads=2, head_dim=16, dtype=BF16)
+    masks = BlockSparseMask(jax.random.bernoulli(jax.random.key(2), 0.5, (3, 2, 2)))
+    out = jax.vmap(lambda q, k, v, m: jax_flash.flash_attention(q, k, v, block_mask=m),
+                   in_axes=(0, 0, 0, BlockSparseMask(0)))(q[:, None], k[:, None], v[:, None],
+                                                          masks)
+    for i in range(3):
+      ref = jax_flash.flash_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                      block_mask=BlockSparseMask(masks.blocks[i]))
+      np.testing.assert_array_equal(np.asarray(out[i], np.float32), np.asarray(ref, np.float32))
+
+  def test_an_index_that_does_not_fit_its_blocks_is_refused(self):
+    q, k, v, _, _ = util.random_inputs(9, batch=1, seq_q=256, seq_k=256, num_heads=2,
+                                       num_kv_heads=2, head_dim=16, dtype=BF16)
+    m = BlockSparseMask.local(256, 256, 1)
+    blocks, treedef = jax.tree.flatten(m)
+    other = jax.tree.leaves(BlockSparseMask.local(384, 384, 1))
+    wrong = jax.tree.unflatten(treedef, [blocks[0], *other[1:]])  # another mask's index
+    with self.assertRaisesRegex(ValueError, "index does not match"):
+      jax_flash.flash_attention(q, k, v, block_mask=wrong)
 
   def test_index_is_built_once_per_mask(self):
     """A mask built outside a jitted step brings its lists as inputs: the

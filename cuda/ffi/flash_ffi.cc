@@ -105,8 +105,8 @@ ffi::Error not_compiled(const AttentionShape& s) {
 }
 
 // The launcher of the best kernel family for this device that has the
-// configuration. The sm90 forward takes windows, the soft cap, segment ids and
-// ALiBi; dropout, block-sparse masks and every variant in the backward run on
+// configuration. The sm90 forward takes every variant but dropout, the sm90
+// backward block-sparse masks (not with a deterministic dQ); the rest runs on
 // the sm80 family only.
 template <typename Launcher, typename Find>
 Launcher pick(Find find, DType dtype, int head_dim, bool sm80_only) {

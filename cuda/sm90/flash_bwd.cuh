@@ -61,6 +61,8 @@ struct BwdKernel {
   static_assert(kUsedBytes <= kMaxSmemBytes);
   static constexpr int kStageReleases = 8;  // one per consumer warp
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kBlockSparseGranule % kBlockM == 0 && kBlockSparseGranule % kBlockN == 0,
+                "a tile must lie in one block of a block-sparse mask");
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
   static constexpr int kDQCols = kD / 2;  // each warpgroup's share of dQ
   using AccS = Accum<1, kBlockM / 8>;

@@ -77,6 +77,8 @@ struct BwdWideKernel {
   }
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
+  static_assert(kBlockSparseGranule % kBlockM == 0 && kBlockSparseGranule % kBlockN == 0,
+                "a tile must lie in one block of a block-sparse mask");
   static_assert(kSmemBytes <= 227 * 1024);
   static_assert(kBlockN == 64, "P and dS rows are one 128-byte panel of keys");
   static_assert(kBlockM == 64, "dQ^T tiles are 64 queries wide");
