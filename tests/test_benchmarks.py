@@ -8,10 +8,12 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+from jax.profiler import ProfileData
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention  # noqa: E402
+import kernel_times  # noqa: E402
 
 
 def _rows():
@@ -88,6 +90,35 @@ class BlockSparseBenchmarkTest(absltest.TestCase):
       for pattern in ("dense", "all on", "butterfly", "local", "random"):
         self.assertIn((mode, pattern), timed)
     self.assertIn("overhead", table)
+
+
+class KernelTimesTest(absltest.TestCase):
+
+  def test_kernel_times_sum_the_streams_of_one_gpu_per_step(self):
+    event = "events {{ metadata_id: {} offset_ps: {} duration_ps: {} }}"
+    stream = " ".join(event.format(m, t, d) for m, t, d in
+                      ((1, 0, 3_000_000), (2, 4_000_000, 500_000), (1, 5_000_000, 1_000_000)))
+    text = f"""
+      planes {{ id: 1 name: "/device:GPU:0"
+        lines {{ id: 1 name: "Stream #13(compute)" {stream} }}
+        lines {{ id: 2 name: "XLA Ops" {event.format(1, 0, 9_000_000)} }}
+        event_metadata {{ key: 1 value {{ id: 1 name: "flash_fwd_kernel" }} }}
+        event_metadata {{ key: 2 value {{ id: 2 name: "Memset 0" }} }} }}
+      planes {{ id: 2 name: "/device:GPU:1"
+        lines {{ id: 1 name: "Stream #13(compute)" {event.format(1, 0, 7_000_000)} }}
+        event_metadata {{ key: 1 value {{ id: 1 name: "flash_fwd_kernel" }} }} }}"""
+    profile = ProfileData.from_serialized_xspace(
+        ProfileData.text_proto_to_serialized_xspace(text))
+    self.assertEqual(kernel_times.kernel_times(profile, steps=2),
+                     {"flash_fwd_kernel": (2.0, 1.0), "Memset 0": (0.25, 0.5)})
+
+  def test_smoke_run_on_cpu_traces_every_call(self):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_times.py"),
+                          "--allow-cpu", "--seq", "256", "--head-dim", "16", "--tokens", "256",
+                          "--steps", "1"],
+                         check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    for call in ("dense:", "all on:", "random 0.25 (blocks on: "):
+      self.assertIn(call, out.stdout)
 
 
 class RingBenchmarkTest(absltest.TestCase):
