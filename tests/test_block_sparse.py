@@ -327,6 +327,22 @@ class ShardedBlockSparseTest(absltest.TestCase):
     for a, b in zip(jax.tree.leaves(grad(True)), jax.tree.leaves(grad(False))):
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
+  def test_a_mask_placed_with_one_sharding_places_its_index_too(self):
+    devices = util.mesh_devices()[:2]
+    mesh = jax.make_mesh((len(devices),), ("model",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    m = BlockSparseMask.random(jax.random.key(4), 0.5, 64, 64, shape=(4,), block_size=(16, 16))
+    sharding = NamedSharding(mesh, P("model", None, None))
+    placed = jax.device_put(m, sharding)
+    for leaf in jax.tree.leaves(placed):
+      self.assertTrue(leaf.sharding.is_equivalent_to(sharding, 3))
+    q, k, v, _, _ = util.random_inputs(12, batch=1, seq_q=64, seq_k=64, num_heads=4,
+                                       num_kv_heads=4, head_dim=8, dtype=F32)
+    out = jax.jit(lambda q, k, v, m: jax_flash.flash_attention(q, k, v, block_mask=m))(
+        q, k, v, placed)
+    np.testing.assert_allclose(out, jax_flash.flash_attention(q, k, v, block_mask=m),
+                               atol=1e-6, rtol=1e-6)
+
   def test_ring_attention_refuses_a_block_mask(self):
     devices = util.mesh_devices()[:2]
     mesh = jax.make_mesh((2,), ("seq",), devices=devices,
