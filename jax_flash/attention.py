@@ -334,11 +334,11 @@ def _check_variant(query, key, *, causal: bool, window_size=None, softcap=None,
     if not (isinstance(index, BlockIndex) and index.fits(blocks)):
       raise ValueError("flash_attention: block_mask's index does not match its blocks; "
                        "build masks with BlockSparseMask's constructors, & and |")
-    lead = (1,) * (2 - len(lead))
-    extras["block_mask"] = blocks.reshape(lead + blocks.shape)
+    ones = (1,) * (2 - len(lead))  # [b', h', ...] with every leading dim
+    extras["block_mask"] = blocks.reshape(ones + blocks.shape)
     for name, x in zip(BLOCK_INDEX_NAMES, (index.q_lists, index.q_counts[..., 0],
                                            index.k_lists, index.k_counts[..., 0])):
-      extras[name] = x.reshape(lead + x.shape)
+      extras[name] = x.reshape(ones + x.shape)
     block_size = block_mask.block_size
 
   rate = _check_dropout_rate(dropout_rate)

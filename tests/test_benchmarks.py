@@ -28,6 +28,17 @@ def _rows():
   return rows
 
 
+def _smoke_run(script: str, prefix: str, env=None):
+  """The rows (.jsonl) and table (.md) of a --quick run of a benchmark script on CPU."""
+  with tempfile.TemporaryDirectory() as tmp:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--allow-cpu",
+                    "--quick", "--out-dir", tmp, "--name", "smoke"],
+                   check=True, cwd=ROOT, timeout=600, capture_output=True, env=env)
+    out = pathlib.Path(tmp) / f"{prefix}-smoke"
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    return rows, out.with_suffix(".md").read_text()
+
+
 class RatioPlotTest(absltest.TestCase):
 
   def test_plot_from_an_earlier_run_writes_a_png(self):
@@ -56,13 +67,7 @@ class SummaryTest(absltest.TestCase):
 class VariantsBenchmarkTest(absltest.TestCase):
 
   def test_smoke_run_on_cpu_writes_every_section(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_variants.py"),
-                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
-                     check=True, cwd=ROOT, timeout=600, capture_output=True)
-      rows = [json.loads(line) for line in
-              (pathlib.Path(tmp) / "variants-smoke.jsonl").read_text().splitlines()]
-      table = (pathlib.Path(tmp) / "variants-smoke.md").read_text()
+    rows, table = _smoke_run("bench_variants.py", "variants")
     timed = {(r["section"], r["label"], r["peer"]) for r in rows if "ms" in r}
     for row in (("cost", "window", "jax_flash"), ("cost", "dropout", "jax_flash"),
                 ("scaling", "seq 256", "jax_flash"),
@@ -78,13 +83,7 @@ class VariantsBenchmarkTest(absltest.TestCase):
 class BlockSparseBenchmarkTest(absltest.TestCase):
 
   def test_smoke_run_on_cpu_times_every_pattern_and_fits_the_overhead(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block_sparse.py"),
-                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
-                     check=True, cwd=ROOT, timeout=600, capture_output=True)
-      rows = [json.loads(line) for line in
-              (pathlib.Path(tmp) / "block-sparse-smoke.jsonl").read_text().splitlines()]
-      table = (pathlib.Path(tmp) / "block-sparse-smoke.md").read_text()
+    rows, table = _smoke_run("bench_block_sparse.py", "block-sparse")
     timed = {(r["mode"], r["pattern"]) for r in rows if "ms" in r}
     for mode in ("fwd", "fwdbwd"):
       for pattern in ("dense", "all on", "butterfly", "local", "random"):
@@ -125,12 +124,7 @@ class RingBenchmarkTest(absltest.TestCase):
 
   def test_smoke_run_on_simulated_devices_times_every_mode(self):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    with tempfile.TemporaryDirectory() as tmp:
-      subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ring.py"),
-                      "--allow-cpu", "--quick", "--out-dir", tmp, "--name", "smoke"],
-                     check=True, cwd=ROOT, timeout=600, capture_output=True, env=env)
-      rows = [json.loads(line) for line in
-              (pathlib.Path(tmp) / "ring-smoke.jsonl").read_text().splitlines()]
+    rows, _ = _smoke_run("bench_ring.py", "ring", env=env)
     self.assertEqual([r for r in rows if "error" in r], [])
     self.assertEqual({(r["devices"], r["mode"]) for r in rows if r["seq"] == 128},
                      {(1, "one device")} | {(n, m) for n in (1, 2, 4)

@@ -90,6 +90,16 @@ struct BlockSparse {
   __device__ __forceinline__ int64_t row(int head) const {
     return int64_t(batch) * b.heads + (b.heads == 1 ? 0 : head);
   }
+  // Kernel tiles of `tile` queries (keys) per block; 1 without a mask.
+  __device__ __forceinline__ int query_tiles_per_block(int tile) const {
+    return on() ? b.block_q / tile : 1;
+  }
+  __device__ __forceinline__ int key_tiles_per_block(int tile) const {
+    return on() ? b.block_k / tile : 1;
+  }
+  // The blocks of query q and of key k (0 without a mask).
+  __device__ __forceinline__ int q_block(int q) const { return on() ? q / b.block_q : 0; }
+  __device__ __forceinline__ int k_block(int k) const { return on() ? k / b.block_k : 0; }
   // The key blocks on for query block `q_block` of `head`.
   __device__ __forceinline__ BlockList keys_of(int head, int q_block) const {
     if (!on()) return {nullptr, 0};

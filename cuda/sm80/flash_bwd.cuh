@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     int at;  // the position in the head's list of query blocks
     int m;   // the query block; < 0: no more visits
   };
-  const int k_block = sparse.on() ? n0 / sparse.b.block_k : 0;
-  const int q_tiles_per_block = sparse.on() ? sparse.b.block_q / kBlockM : 1;
+  const int k_block = sparse.k_block(n0);
+  const int q_tiles_per_block = sparse.query_tiles_per_block(kBlockM);
   auto settle = [&](Visit v) {  // the first visit at or after v
     for (; v.g < group; ++v.g, v.at = 0, v.m = m_begin) {
       const BlockList blocks = sparse.queries_of(kv_head * group + v.g, k_block);
@@ -141,8 +141,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   auto dq_turn = [&](int m0, int head) {
     if (!segments.on() && !sparse.on()) return n_block - mask.key_begin(m0) / kBlockN;
     const int first = max(mask.key_begin(m0), segments.key_reach(m0, kBlockM).x) / kBlockN;
-    const BlockList keys = sparse.keys_of(head, sparse.on() ? m0 / sparse.b.block_q : 0);
-    const int k_tiles_per_block = sparse.on() ? sparse.b.block_k / kBlockN : 1;
+    const BlockList keys = sparse.keys_of(head, sparse.q_block(m0));
+    const int k_tiles_per_block = sparse.key_tiles_per_block(kBlockN);
     int turn = 0;
     for (int n = first; n < n_block; ++n)
       turn += keys.contains(n / k_tiles_per_block) &&

@@ -89,8 +89,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD>::kThreads)
   const int2 reach = segments.key_reach(m0, kBlockM);
   const int n_begin = max(mask.key_begin(m0), reach.x) / kBlockN;
   const int n_blocks = (min(mask.key_end(m0, kBlockM), reach.y) + kBlockN - 1) / kBlockN;
-  const BlockList key_blocks = sparse.keys_of(head, sparse.on() ? m0 / sparse.b.block_q : 0);
-  const int tiles_per_block = sparse.on() ? sparse.b.block_k / kBlockN : 1;
+  const BlockList key_blocks = sparse.keys_of(head, sparse.q_block(m0));
+  const int tiles_per_block = sparse.key_tiles_per_block(kBlockN);
   int list_at = key_blocks.count - 1;
   auto taking_part_below = [&](int n) {  // the next block taking part, n down; -1: none
     do n = key_blocks.tile_below(n, n_begin, tiles_per_block, list_at);

@@ -52,8 +52,8 @@ struct BwdWalk {
     w.m_begin = AttentionMask::of(p).first_query(w.n0) / block_m;
     w.m_end = (sh.seq_q + block_m - 1) / block_m;
     w.sparse = kSparse ? BlockSparse::of(p, bi.batch) : BlockSparse{};
-    w.k_block = w.sparse.on() ? w.n0 / w.sparse.b.block_k : 0;
-    w.tiles_per_block = w.sparse.on() ? w.sparse.b.block_q / block_m : 1;
+    w.k_block = w.sparse.k_block(w.n0);
+    w.tiles_per_block = w.sparse.query_tiles_per_block(block_m);
     return w;
   }
   __device__ __forceinline__ Visit first() const { return settle({0, 0, m_begin}); }

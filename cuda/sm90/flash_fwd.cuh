@@ -130,9 +130,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   // Of those, the tiles of the key blocks the block mask has on for the tile
   // from m0 (every one without a mask), walked from last to first by
   // KeyTiles::next.
-  const int tiles_per_block = K::kSparse && p.block_sparse.q_lists != nullptr
-                                  ? p.block_sparse.block_k / kBlockN
-                                  : 1;
+  const int tiles_per_block =
+      K::kSparse ? BlockSparse::of(p, 0).key_tiles_per_block(kBlockN) : 1;
   struct KeyTiles {
     BlockList list;
     int begin, n, at, tiles_per_block;
@@ -140,10 +139,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       n = list.tile_below(n, begin, tiles_per_block, at);
       return n;
     }
+    // How many tiles the walk yields (before it starts), counted by `lanes`
+    // threads from `lane`: the caller sums the counts.
+    __device__ __forceinline__ int count(int lane, int lanes) const {
+      return list.tiles_within(begin, n, tiles_per_block, lane, lanes);
+    }
   };
   auto key_tiles = [&](const BlockIndex& bi, int m0, int2 keys) {
     const BlockSparse sparse = K::kSparse ? BlockSparse::of(p, bi.batch) : BlockSparse{};
-    const BlockList list = sparse.keys_of(bi.head, sparse.on() ? m0 / sparse.b.block_q : 0);
+    const BlockList list = sparse.keys_of(bi.head, sparse.q_block(m0));
     return KeyTiles{list, keys.x, keys.y, list.count - 1, tiles_per_block};
   };
   // Tiles end at the last query, so that a length that is not a multiple of
@@ -220,9 +224,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
         const int2 keys = key_blocks(m0, segments_of(bi.batch));
         KeyTiles tiles = key_tiles(bi, m0, keys);
-        const int n_blocks = K::kSparse ? tiles.list.tiles_within(keys.x, keys.y,
-                                                                  tiles_per_block, 0, 1)
-                                        : keys.y - keys.x;
+        const int n_blocks = K::kSparse ? tiles.count(0, 1) : keys.y - keys.x;
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
           const int s = it % kStages;
@@ -300,9 +302,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     const int2 keys = key_blocks(m0, segments);
     KeyTiles tiles = key_tiles(bi, m0, keys);
     const int n_blocks =
-        K::kSparse ? __reduce_add_sync(~0u, tiles.list.tiles_within(keys.x, keys.y,
-                                                                      tiles_per_block, lane, 32))
-                   : keys.y - keys.x;
+        K::kSparse ? __reduce_add_sync(~0u, tiles.count(lane, 32)) : keys.y - keys.x;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
     auto visible = [&](int q_row, int k_col) {
       return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
