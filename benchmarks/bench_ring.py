@@ -23,7 +23,7 @@ forward+backward fits in device memory by the compiled program's memory
 analysis: it doubles the length while it fits and bisects between the last fit
 and the first miss to a multiple of 2n x 1024. At that length one step takes
 minutes (time grows with the square of the length), so it is compiled, not run;
-`--longest-run` runs it once.
+`--longest-run` runs it once; `--devices` picks the device counts.
 
   python benchmarks/bench_ring.py --out-dir benchmarks/results --longest
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import pathlib
 import re
 import sys
@@ -119,10 +120,17 @@ def transfer_overlap(hlo_text: str) -> tuple[int, int]:
 
 
 def _arrays(shape, sharding, seed: int):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  place = sharding if sharding is not None else jax.devices()[0]
-  return [jax.device_put(jax.random.normal(key, shape, jnp.bfloat16), place)
-          for key in keys]
+  """Four bf16 arrays of `shape` with values in [-1, 1], each made by one fused
+  program on its devices: no temporaries the size of the array (as
+  jax.random's would be), which would fragment the memory that the longest
+  runs need in one piece."""
+  def make(salt):
+    position = [lax.broadcasted_iota(jnp.float32, shape, d) for d in range(len(shape))]
+    phase = sum(x * f for x, f in zip(position, (0.61803, 0.01379, 1.73205, 0.31416)))
+    return jnp.sin(phase + float(seed * 4 + salt)).astype(jnp.bfloat16)
+  place = sharding if sharding is not None else jax.sharding.SingleDeviceSharding(
+      jax.devices()[0])
+  return [jax.jit(make, static_argnums=0, out_shardings=place)(salt) for salt in range(4)]
 
 
 def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
@@ -153,9 +161,27 @@ def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
   return row
 
 
+def _out_of_memory(error: str) -> bool:
+  return "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
+
+
+def _run_once(compiled, arrays) -> float:
+  """Seconds of one call: at the longest lengths a step takes minutes, so the
+  one call is the figure, not a median."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(compiled(*arrays))
+  return time.perf_counter() - t0
+
+
 def longest(n: int, args) -> dict:
   """The longest sequence whose forward+backward fits on n devices (ring mode
-  from 2 devices, plain flash_attention on one)."""
+  from 2 devices, plain flash_attention on one) by the compiled program's memory
+  analysis; with --longest-run, the longest that runs: from that length down
+  in steps of ~4% while a step runs out of memory. With JAX's default
+  preallocation (one pool of the whole limit) the analysis is what a step
+  takes; a growing pool (XLA_PYTHON_CLIENT_PREALLOCATE=false) splits into
+  regions that cannot hold a step's temporaries in one piece, so main refuses
+  --longest-run there."""
   mode = "ring" if n > 1 else None
   unit = 2 * n * 1024
   limit = _device_memory_bytes()
@@ -165,14 +191,23 @@ def longest(n: int, args) -> dict:
     row["error"] = "the devices report no memory limit"
     return row
   _, forward_backward, sharding = programs(n, mode)
+  shape_of = lambda units: (args.batch, units * unit, args.heads, args.head_dim)
+
+  def compile_at(units: int):
+    return jax.jit(forward_backward).lower(*_specs(shape_of(units), sharding)).compile()
+
+  misses = {}  # units -> why it does not fit
 
   def fits(units: int) -> bool:
-    shape = (args.batch, units * unit, args.heads, args.head_dim)
     try:
-      compiled = jax.jit(forward_backward).lower(*_specs(shape, sharding)).compile()
-    except Exception:  # noqa: BLE001 - a program that does not compile does not fit
+      compiled = compile_at(units)
+    except Exception as e:  # noqa: BLE001 - a program that does not compile does not fit
+      misses[units] = _error_text(e)
       return False
-    return _bytes_per_device(compiled) <= limit
+    used = _bytes_per_device(compiled)
+    if used > limit:
+      misses[units] = f"{used / 2**30:.2f} GiB per device"
+    return used <= limit
 
   fit, miss = 0, max(1, (args.seqs or [16384])[0] // unit)
   while fits(miss):
@@ -181,16 +216,32 @@ def longest(n: int, args) -> dict:
     middle = (fit + miss) // 2
     fit, miss = (middle, miss) if fits(middle) else (fit, middle)
   row["seq"] = fit * unit
+  row["first_miss"] = f"{miss * unit}: {misses.get(miss, '?')}"
   if not fit:
     row["error"] = "the shortest length tried does not fit"
     return row
-  shape = (args.batch, row["seq"], args.heads, args.head_dim)
   try:
-    compiled = jax.jit(forward_backward).lower(*_specs(shape, sharding)).compile()
+    compiled = compile_at(fit)
     row["bytes_per_device"] = _bytes_per_device(compiled)
-    if args.longest_run:
-      once = Timing(repeats=1, min_repeat_s=0.0, max_iters=1)
-      row["fwdbwd_ms"] = time_calls([compiled], _arrays(shape, sharding, 0), once)[0] * 1e3
+    if not args.longest_run:
+      return row
+    row["seq_by_analysis"] = row["seq"]
+    for _ in range(8):
+      arrays = _arrays(shape_of(fit), sharding, 0)
+      try:
+        row["fwdbwd_ms"] = _run_once(compiled, arrays) * 1e3
+        row.pop("error", None)
+        break
+      except Exception as e:  # noqa: BLE001
+        row["error"] = _error_text(e)
+        if not _out_of_memory(row["error"]):
+          break
+      finally:
+        for a in arrays:
+          a.delete()
+      fit = fit * 24 // 25
+      compiled = compile_at(fit)
+      row.update(seq=fit * unit, bytes_per_device=_bytes_per_device(compiled))
   except Exception as e:  # noqa: BLE001
     row["error"] = _error_text(e)
   return row
@@ -206,16 +257,16 @@ def markdown(rows, command: str, seconds: float) -> str:
          "(attention only + transfers only - ring) / transfers only, from the two "
          "fwd+bwd columns beside it; overlapped: transfers with attention scheduled between "
          "their start and done in the compiled program. Longest: the longest sequence whose "
-         "fwd+bwd fits in device memory by the compiled memory analysis (run only with "
-         f"--longest-run). Took {seconds:.0f} s.", "",
+         "fwd+bwd fits in device memory by the compiled memory analysis; with "
+         "--longest-run, the longest that ran, stepping down ~4% from that length while a "
+         f"step ran out of memory. Took {seconds:.0f} s.", "",
          "| devices | mode | seq | fwd ms | fwd+bwd ms | GiB per device | fwd+bwd without "
          "transfers | transfers only | hidden | overlapped |",
          "|---|---|---|---|---|---|---|---|---|---|"]
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   for r in rows:
     error = r.get("error", "")
-    out_of_memory = "RESOURCE_EXHAUSTED" in error or "out of memory" in error.lower()
-    failed = ("OOM" if out_of_memory else "err") if error else None
+    failed = ("OOM" if _out_of_memory(error) else "err") if error else None
     out.append(" | ".join([
         f"| {r['devices']}", r["mode"], str(r.get("seq", "-")),
         failed or cell(r, "fwd_ms", "{:.2f}"), failed or cell(r, "fwdbwd_ms", "{:.2f}"),
@@ -223,6 +274,11 @@ def markdown(rows, command: str, seconds: float) -> str:
         cell(r, "fwdbwd_without_transfers_ms", "{:.2f}"),
         cell(r, "fwdbwd_without_attention_ms", "{:.2f}"),
         cell(r, "hidden", "{:.0%}"), r.get("transfers_overlapped", "-")]) + " |")
+  notes = [f"- {r['devices']} devices: by the analysis {r.get('seq_by_analysis', r['seq'])}"
+           f" fits; the first length that did not: {r['first_miss']}"
+           for r in rows if "first_miss" in r]
+  if notes:
+    out += ["", "Longest:", ""] + notes
   return "\n".join(out) + "\n"
 
 
@@ -238,15 +294,23 @@ def main(argv=None):
                  help="also find the longest sequence that fits, per device count")
   p.add_argument("--longest-run", action="store_true",
                  help="and run it once (minutes per step at such lengths)")
+  p.add_argument("--devices", type=lambda s: [int(x) for x in s.split(",") if x],
+                 help="device counts to measure (default: 1 and every power of two "
+                      "up to the devices present)")
   add_run_arguments(p)
   args = p.parse_args(argv)
+  if args.longest_run and os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false":
+    p.error("--longest-run needs JAX's preallocated memory pool: unset "
+            "XLA_PYTHON_CLIENT_PREALLOCATE")
   timing, run_log = start_run(args, "ring")
   if args.quick:
     args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
-  counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
+  counts = args.devices or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
+  if any(n < 1 or n > len(jax.devices()) for n in counts):
+    p.error(f"--devices {counts}: this process sees {len(jax.devices())} devices")
   for seq in args.seqs:
-    cells = [(1, None)] + [(n, mode) for n in counts for mode in ("ring", "allgather")
-                           if seq % (2 * n) == 0]
+    cells = [(1, None)] * (1 in counts) + [
+        (n, mode) for n in counts for mode in ("ring", "allgather") if seq % (2 * n) == 0]
     for n, mode in cells:
       run_log.record(measure(n, mode, seq, args, timing))
   if args.longest:

@@ -1,5 +1,6 @@
 """The benchmark's reporting, from rows like a GPU run writes (no GPU needed)."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -7,12 +8,16 @@ import subprocess
 import sys
 import tempfile
 
+from unittest import mock
+
+import jax
 from absl.testing import absltest
 from jax.profiler import ProfileData
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_attention  # noqa: E402
+import bench_ring  # noqa: E402
 import kernel_times  # noqa: E402
 
 
@@ -129,6 +134,44 @@ class RingBenchmarkTest(absltest.TestCase):
     self.assertEqual({(r["devices"], r["mode"]) for r in rows if r["seq"] == 128},
                      {(1, "one device")} | {(n, m) for n in (1, 2, 4)
                                             for m in ("ring", "allgather")})
+
+  def _longest_with_limit_and_runs(self, ran):
+    """bench_ring.longest on one device, its memory limit the analysed bytes of
+    8 units (16384 tokens), and steps that run when ran(seq) holds (else raise
+    what ran(seq) returns)."""
+    args = argparse.Namespace(batch=1, heads=2, head_dim=16, seqs=[2048], longest_run=True)
+    _, forward_backward, _ = bench_ring.programs(1, None)
+    limit = bench_ring._bytes_per_device(jax.jit(forward_backward).lower(
+        *bench_ring._specs((1, 16384, 2, 16), None)).compile())
+    def run_once(compiled, arrays):
+      outcome = ran(arrays[0].shape[1])
+      if outcome is not True:
+        raise outcome
+      return 0.5
+    with mock.patch.object(bench_ring, "_device_memory_bytes", return_value=limit), \
+         mock.patch.object(bench_ring, "_run_once", side_effect=run_once):
+      return bench_ring.longest(1, args)
+
+  def test_longest_run_steps_down_from_the_analysed_length_until_a_step_runs(self):
+    row = self._longest_with_limit_and_runs(
+        lambda seq: seq <= 12288 or RuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+    self.assertEqual((row["seq_by_analysis"], row["seq"], row["fwdbwd_ms"]),
+                     (16384, 12288, 500.0))
+    self.assertNotIn("error", row)
+    self.assertTrue(row["first_miss"].endswith("GiB per device"), row["first_miss"])
+
+  def test_longest_run_refuses_a_growing_memory_pool(self):
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ring.py"),
+                           "--allow-cpu", "--longest", "--longest-run"],
+                          cwd=ROOT, timeout=300, capture_output=True, text=True, env=env)
+    self.assertEqual(done.returncode, 2)
+    self.assertIn("--longest-run needs JAX's preallocated memory pool", done.stderr)
+
+  def test_longest_run_stops_at_an_error_other_than_memory(self):
+    row = self._longest_with_limit_and_runs(lambda seq: ValueError("bad"))
+    self.assertEqual((row["seq"], row["error"]), (16384, "ValueError: bad"))
+    self.assertNotIn("fwdbwd_ms", row)
 
 
 if __name__ == "__main__":
