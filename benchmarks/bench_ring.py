@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jax_flash  # noqa: E402
+import kernel_times  # noqa: E402
 from jax_flash import attention, ring  # noqa: E402
 from bench_attention import (  # noqa: E402
     Timing, _device_memory_bytes, _error_text, add_run_arguments, start_run,
@@ -150,8 +151,14 @@ def measure(n: int, mode: str | None, seq: int, args, timing: Timing) -> dict:
       for ablate in ("transfers", "attention"):
         fns.append(jax.jit(programs(n, mode, ablate)[1]).lower(*specs).compile())
         names.append(f"fwdbwd_without_{ablate}_ms")
-    seconds = time_calls(fns, _arrays(shape, sharding, seq), timing)
+    arrays = _arrays(shape, sharding, seq)
+    seconds = time_calls(fns, arrays, timing)
     row.update({name: s * 1e3 for name, s in zip(names, seconds)})
+    if mode == "ring" and n > 1:
+      profile = kernel_times.trace_profile(fns[1], arrays, steps=2)
+      beside = profile and kernel_times.transfers_beside_attention(profile, steps=2)
+      if beside:
+        row["transfer_kernel_ms"], row["transfers_beside_attention"] = beside[0] / 1e3, beside[1]
     if "fwdbwd_without_attention_ms" in row:
       transfers = row["fwdbwd_without_attention_ms"]
       row["hidden"] = (row["fwdbwd_without_transfers_ms"] + transfers
@@ -256,13 +263,15 @@ def markdown(rows, command: str, seconds: float) -> str:
          "temporaries). hidden: share of the transfers' time hidden behind the attention, "
          "(attention only + transfers only - ring) / transfers only, from the two "
          "fwd+bwd columns beside it; overlapped: transfers with attention scheduled between "
-         "their start and done in the compiled program. Longest: the longest sequence whose "
+         "their start and done in the compiled program; beside: of the transfer kernels' GPU "
+         "time on the first device (traced over two fwd+bwd steps), the share during which "
+         "a jax_flash kernel runs there too. Longest: the longest sequence whose "
          "fwd+bwd fits in device memory by the compiled memory analysis; with "
          "--longest-run, the longest that ran, stepping down ~4% from that length while a "
          f"step ran out of memory. Took {seconds:.0f} s.", "",
          "| devices | mode | seq | fwd ms | fwd+bwd ms | GiB per device | fwd+bwd without "
-         "transfers | transfers only | hidden | overlapped |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "transfers | transfers only | hidden | overlapped | transfer kernels ms | beside |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
   for r in rows:
     error = r.get("error", "")
@@ -273,7 +282,9 @@ def markdown(rows, command: str, seconds: float) -> str:
         f"{r['bytes_per_device'] / 2**30:.2f}" if "bytes_per_device" in r else "-",
         cell(r, "fwdbwd_without_transfers_ms", "{:.2f}"),
         cell(r, "fwdbwd_without_attention_ms", "{:.2f}"),
-        cell(r, "hidden", "{:.0%}"), r.get("transfers_overlapped", "-")]) + " |")
+        cell(r, "hidden", "{:.0%}"), r.get("transfers_overlapped", "-"),
+        cell(r, "transfer_kernel_ms", "{:.2f}"),
+        cell(r, "transfers_beside_attention", "{:.0%}")]) + " |")
   notes = [f"- {r['devices']} devices: by the analysis {r.get('seq_by_analysis', r['seq'])}"
            f" fits; the first length that did not: {r['first_miss']}"
            for r in rows if "first_miss" in r]

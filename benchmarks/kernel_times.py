@@ -50,8 +50,44 @@ def kernel_times(profile: ProfileData, steps: int, device: int = 0) -> dict:
   return {name: (ns / 1e3 / steps, count[name] / steps) for name, ns in total.most_common()}
 
 
-def trace(fn, args, steps: int) -> dict:
-  """kernel_times of `steps` calls of fn(*args), after one untraced call."""
+def _is_transfer(kernel: str) -> bool:
+  name = kernel.lower()
+  return "nccl" in name or "memcpy ptop" in name or "memcpy p2p" in name
+
+
+def transfers_beside_attention(profile: ProfileData, steps: int,
+                               device: int = 0) -> tuple[float, float] | None:
+  """(microseconds per step of transfer kernels on `device`, the share of that
+  time during which a jax_flash kernel runs on the same device), or None
+  without transfers. A transfer that shares its time with the attention is
+  hidden behind it; one that runs alone adds to the step."""
+  attention, transfers = [], []
+  for plane in profile.planes:
+    if not plane.name.endswith(f"GPU:{device}"):
+      continue
+    for line in plane.lines:
+      if line.name.startswith("Stream"):
+        for event in line.events:
+          if "jax_flash" in event.name:
+            attention.append((event.start_ns, event.end_ns))
+          elif _is_transfer(event.name):
+            transfers.append((event.start_ns, event.end_ns))
+  if not transfers:
+    return None
+  merged = []  # the attention's busy time as disjoint intervals
+  for start, end in sorted(attention):
+    if merged and start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  total = sum(end - start for start, end in transfers)
+  beside = sum(max(0.0, min(end, b) - max(start, a))
+               for start, end in transfers for a, b in merged)
+  return total / 1e3 / steps, beside / total
+
+
+def trace_profile(fn, args, steps: int) -> ProfileData | None:
+  """The profile of `steps` calls of fn(*args), after one untraced call."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir):
@@ -59,7 +95,13 @@ def trace(fn, args, steps: int) -> dict:
         out = fn(*args)
       jax.block_until_ready(out)
     paths = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
-    return kernel_times(ProfileData.from_file(paths[0]), steps) if paths else {}
+    return ProfileData.from_file(paths[0]) if paths else None
+
+
+def trace(fn, args, steps: int) -> dict:
+  """kernel_times of `steps` calls of fn(*args), after one untraced call."""
+  profile = trace_profile(fn, args, steps)
+  return kernel_times(profile, steps) if profile is not None else {}
 
 
 def main(argv=None):

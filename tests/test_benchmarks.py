@@ -116,6 +116,31 @@ class KernelTimesTest(absltest.TestCase):
     self.assertEqual(kernel_times.kernel_times(profile, steps=2),
                      {"flash_fwd_kernel": (2.0, 1.0), "Memset 0": (0.25, 0.5)})
 
+  def test_transfers_beside_attention_is_the_share_of_their_time_under_a_kernel(self):
+    # On GPU 0, attention kernels on one stream at [0, 4) and [3, 6) us and
+    # [10, 11) us, transfers on another at [5, 7) and [9, 10.5) us: 1 + 0.5 of
+    # their 3.5 us have a jax_flash kernel beside them. GPU 1 is not counted.
+    event = "events {{ metadata_id: {} offset_ps: {} duration_ps: {} }}"
+    us = 1_000_000
+    compute = " ".join(event.format(1, a * us, b * us) for a, b in ((0, 4), (3, 3), (10, 1)))
+    comm = " ".join(event.format(2, int(a * us), int(b * us)) for a, b in ((5, 2), (9, 1.5)))
+    text = f"""
+      planes {{ id: 1 name: "/device:GPU:0"
+        lines {{ id: 1 name: "Stream #13(compute)" {compute} }}
+        lines {{ id: 2 name: "Stream #20(nccl)" {comm} }}
+        lines {{ id: 3 name: "XLA Ops" {event.format(2, 0, 20 * us)} }}
+        event_metadata {{ key: 1 value {{ id: 1 name: "void jax_flash::sm90::flash_fwd" }} }}
+        event_metadata {{ key: 2 value {{ id: 2 name: "ncclDevKernel_SendRecv" }} }} }}
+      planes {{ id: 2 name: "/device:GPU:1"
+        lines {{ id: 1 name: "Stream #20(nccl)" {event.format(1, 0, 9 * us)} }}
+        event_metadata {{ key: 1 value {{ id: 1 name: "ncclDevKernel_SendRecv" }} }} }}"""
+    profile = ProfileData.from_serialized_xspace(
+        ProfileData.text_proto_to_serialized_xspace(text))
+    per_step_us, share = kernel_times.transfers_beside_attention(profile, steps=1)
+    self.assertAlmostEqual(per_step_us, 3.5)
+    self.assertAlmostEqual(share, 1.5 / 3.5)
+    self.assertIsNone(kernel_times.transfers_beside_attention(profile, steps=1, device=2))
+
   def test_smoke_run_on_cpu_traces_every_call(self):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_times.py"),
                           "--allow-cpu", "--seq", "256", "--head-dim", "16", "--tokens", "256",
