@@ -313,12 +313,12 @@ def main(argv=None):
   if args.longest_run and os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false":
     p.error("--longest-run needs JAX's preallocated memory pool: unset "
             "XLA_PYTHON_CLIENT_PREALLOCATE")
-  timing, run_log = start_run(args, "ring")
-  if args.quick:
-    args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
   counts = args.devices or [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= len(jax.devices())]
   if any(n < 1 or n > len(jax.devices()) for n in counts):
     p.error(f"--devices {counts}: this process sees {len(jax.devices())} devices")
+  timing, run_log = start_run(args, "ring")
+  if args.quick:
+    args.seqs, args.heads, args.head_dim = [64, 128], 2, 16
   for seq in args.seqs:
     cells = [(1, None)] * (1 in counts) + [
         (n, mode) for n in counts for mode in ("ring", "allgather") if seq % (2 * n) == 0]

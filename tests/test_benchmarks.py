@@ -188,10 +188,20 @@ class RingBenchmarkTest(absltest.TestCase):
   def test_longest_run_refuses_a_growing_memory_pool(self):
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ring.py"),
-                           "--allow-cpu", "--longest", "--longest-run"],
+                           "--allow-cpu", "--longest", "--longest-run",
+                           "--out-dir", tempfile.gettempdir()],
                           cwd=ROOT, timeout=300, capture_output=True, text=True, env=env)
     self.assertEqual(done.returncode, 2)
     self.assertIn("--longest-run needs JAX's preallocated memory pool", done.stderr)
+
+  def test_device_counts_beyond_the_devices_present_are_refused(self):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ring.py"),
+                           "--allow-cpu", "--quick", "--devices", "2,8",
+                           "--out-dir", tempfile.gettempdir()],
+                          cwd=ROOT, timeout=300, capture_output=True, text=True, env=env)
+    self.assertEqual(done.returncode, 2)
+    self.assertIn("--devices [2, 8]: this process sees 4 devices", done.stderr)
 
   def test_longest_run_stops_at_an_error_other_than_memory(self):
     row = self._longest_with_limit_and_runs(lambda seq: ValueError("bad"))
