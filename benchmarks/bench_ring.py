@@ -16,14 +16,18 @@ the share of the transfers' time that the attention hides:
 
 It also reads the compiled ring program's schedule: of its transfers
 (collective-permute start/done pairs), how many have attention work (kernel
-calls or the branches that hold them) scheduled between their start and done.
+calls or the branches that hold them) scheduled between their start and done;
+and, from a trace of two forward+backward steps on a GPU, the share of the
+transfer kernels' time on the first device during which a jax_flash kernel runs
+there too (`kernel_times.transfers_beside_attention`).
 
 `--longest` then finds, for each device count, the longest sequence whose
 forward+backward fits in device memory by the compiled program's memory
 analysis: it doubles the length while it fits and bisects between the last fit
 and the first miss to a multiple of 2n x 1024. At that length one step takes
 minutes (time grows with the square of the length), so it is compiled, not run;
-`--longest-run` runs it once; `--devices` picks the device counts.
+`--longest-run` runs it once (stepping down while it runs out of memory; it
+needs JAX's preallocated memory pool). `--devices` picks the device counts.
 
   python benchmarks/bench_ring.py --out-dir benchmarks/results --longest
   XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
