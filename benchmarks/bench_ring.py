@@ -202,8 +202,10 @@ def longest(n: int, args) -> dict:
     row["error"] = "the devices report no memory limit"
     return row
   _, forward_backward, sharding = programs(n, mode)
-  shape_of = lambda units: (args.batch, units * unit, args.heads, args.head_dim)
+  def shape_of(units: int):
+    return (args.batch, units * unit, args.heads, args.head_dim)
 
+  @functools.cache  # the search compiles the length it settles on already
   def compile_at(units: int):
     return jax.jit(forward_backward).lower(*_specs(shape_of(units), sharding)).compile()
 

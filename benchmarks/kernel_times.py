@@ -33,20 +33,23 @@ import jax_flash  # noqa: E402
 from bench_attention import MODES, step_fn  # noqa: E402
 
 
-def kernel_times(profile: ProfileData, steps: int, device: int = 0) -> dict:
-  """{kernel name: (microseconds per step, launches per step)} over the GPU
-  streams of `device` (the plane's other lines, XLA's ops and modules, span
-  the kernels and would count them twice)."""
-  total, count = collections.Counter(), collections.Counter()
+def _kernel_events(profile: ProfileData, device: int):
+  """The events of the GPU streams of `device`: its kernels and copies (the
+  plane's other lines, XLA's ops and modules, span the kernels and would count
+  them twice)."""
   for plane in profile.planes:
-    if not plane.name.endswith(f"GPU:{device}"):
-      continue
-    for line in plane.lines:
-      if not line.name.startswith("Stream"):
-        continue
-      for event in line.events:
-        total[event.name] += event.duration_ns
-        count[event.name] += 1
+    if plane.name.endswith(f"GPU:{device}"):
+      for line in plane.lines:
+        if line.name.startswith("Stream"):
+          yield from line.events
+
+
+def kernel_times(profile: ProfileData, steps: int, device: int = 0) -> dict:
+  """{kernel name: (microseconds per step, launches per step)} on `device`."""
+  total, count = collections.Counter(), collections.Counter()
+  for event in _kernel_events(profile, device):
+    total[event.name] += event.duration_ns
+    count[event.name] += 1
   return {name: (ns / 1e3 / steps, count[name] / steps) for name, ns in total.most_common()}
 
 
@@ -62,16 +65,11 @@ def transfers_beside_attention(profile: ProfileData, steps: int,
   without transfers. A transfer that shares its time with the attention is
   hidden behind it; one that runs alone adds to the step."""
   attention, transfers = [], []
-  for plane in profile.planes:
-    if not plane.name.endswith(f"GPU:{device}"):
-      continue
-    for line in plane.lines:
-      if line.name.startswith("Stream"):
-        for event in line.events:
-          if "jax_flash" in event.name:
-            attention.append((event.start_ns, event.end_ns))
-          elif _is_transfer(event.name):
-            transfers.append((event.start_ns, event.end_ns))
+  for event in _kernel_events(profile, device):
+    if "jax_flash" in event.name:
+      attention.append((event.start_ns, event.end_ns))
+    elif _is_transfer(event.name):
+      transfers.append((event.start_ns, event.end_ns))
   if not transfers:
     return None
   merged = []  # the attention's busy time as disjoint intervals
