@@ -61,6 +61,13 @@ struct FwdKernel {
   // Tiles are handed out at run time; the producer announces each through
   // kTileSlots slots of {id, tile, head, batch}.
   static constexpr int kTileSlots = 2;
+  // The next tile is claimed once the loads of all but the last kClaimLead key
+  // tiles of this one are issued: late enough that blocks which drew short
+  // tiles take more, early enough that the claim (an atomic), the next tile's
+  // list reads and its first loads land before the consumers run dry. Block-
+  // sparse tiles are short (few key tiles per query tile), so they claim
+  // earlier.
+  static constexpr int kClaimLead = kSparse ? 2 : 0;
   // Shared memory: Q, K stages, V stages, the barriers, the tile slots.
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
@@ -198,8 +205,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       // The scheduler: a block's first tile is its own index; each next one
       // is the next unclaimed one of the tile counter (so blocks that drew
       // short tiles take more), claimed once the TMA thread has issued the
-      // previous tile's loads, i.e. when the consumers are within kStages key
-      // blocks of its end.
+      // previous tile's loads but kClaimLead, i.e. when the consumers are
+      // within kStages + kClaimLead key tiles of its end.
       for (int k = 0;; ++k) {
         if (k > 0) mbar_wait(loads_issued, (k - 1) & 1);
         const int id = k == 0 ? int(blockIdx.x) : atomicAdd(p.tile_counter, 1) + int(gridDim.x);
@@ -225,6 +232,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
         const int2 keys = key_blocks(m0, segments_of(bi.batch));
         KeyTiles tiles = key_tiles(bi, m0, keys);
         const int n_blocks = K::kSparse ? tiles.count(0, 1) : keys.y - keys.x;
+        const int claim_after = max(n_blocks - 1 - K::kClaimLead, 0);
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
           const int s = it % kStages;
@@ -240,9 +248,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           mbar_wait(empty_v(s), phase ^ 1);
           mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sV(s), &args.v, full_v(s), kv_head, n0, bi.batch);
+          if (K::kClaimLead > 0 && i == claim_after) mbar_arrive(loads_issued);
         }
         tiles_done += n_blocks > 0;
-        mbar_arrive(loads_issued);
+        if (K::kClaimLead == 0 || n_blocks == 0) mbar_arrive(loads_issued);
       }
     }
     return;
