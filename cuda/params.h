@@ -96,6 +96,9 @@ struct BwdParams {
   // ceil(seq_q / kDQTurnRows)], per query block the index of the key block
   // whose turn it is to add its dQ (see common/dq_turns.cuh).
   int* dq_turns;
+  // Otherwise the sm90 backward's persistent blocks claim key blocks from
+  // this counter (one int, zeroed by the launcher; the dq_turns workspace).
+  int* key_block_counter;
   float softmax_scale;
   bool causal;
   int window_left;

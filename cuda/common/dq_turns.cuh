@@ -1,7 +1,8 @@
 // The deterministic backward's order of dQ additions. The key blocks that
 // reach a query block are 0, 1, ..., n_last (a causal mask only cuts off the
-// later ones), and each kernel block handles one key block, visiting query
-// blocks in the same order as every other. With a turn counter per (batch,
+// later ones), and each kernel block handles one key block (the sm90 backward
+// runs persistent blocks only outside this mode), visiting query blocks in the
+// same order as every other. With a turn counter per (batch,
 // head, query block), zeroed by the preprocess pass, each of the k adders of
 // key block n (k disjoint column ranges of its dQ) waits until the counter
 // reaches k n, adds its part, and increments the counter: every element of dQ

@@ -360,6 +360,7 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               dq_accum->typed_data(),
               delta->typed_data(),
               deterministic ? dq_turns->typed_data() : nullptr,
+              deterministic ? nullptr : dq_turns->typed_data(),
               softmax_scale,
               causal,
               window_left,

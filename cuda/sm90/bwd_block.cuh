@@ -1,12 +1,15 @@
-// What the sm90 backward kernels share: the query blocks a key block visits,
-// its shared memory (K and V, then a ring of stages holding a query block's Q,
-// dO, lse and delta), the producer warpgroup that fills that ring, and the
-// producer warp that adds the consumers' finished dQ tiles to the fp32
-// accumulator, and the host code that launches a backward.
+// What the sm90 backward kernels share: the key blocks a block of threads
+// takes and the query blocks each visits, its shared memory (K and V, then a
+// ring of stages holding a query block's Q, dO, lse and delta), the producer
+// warpgroup that fills that ring, and the producer warp that adds the
+// consumers' finished dQ tiles to the fp32 accumulator, and the host code that
+// launches a backward.
 #pragma once
 
 #include <cuda.h>
 #include <math_constants.h>
+
+#include <algorithm>
 
 #include "../common/block_order.cuh"
 #include "../common/block_sparse.cuh"
@@ -75,11 +78,30 @@ struct BwdWalk {
   }
 };
 
+// Whether K's kernel runs persistent blocks: for block-sparse masks only,
+// whose key blocks visit few query blocks each, so that hiding a key block's
+// K/V load, pipeline fill and dK/dV stores behind its neighbours' products
+// pays (6% of the backward at 4k and 28% of blocks on). Dense key blocks visit
+// every query block, and there the persistent kernel measured up to 6% slower
+// (non-causal, 16k). Never in the deterministic mode, whose blocks wait for
+// each other's dQ turns: blocks that take turns must all be resident at once,
+// and a kernel running beside this one (a collective, say) could hold SMs
+// that some of them need.
+template <typename K, bool kDeterministic, bool kSparse>
+inline constexpr bool kPersistentBwd = K::kPersistent && kSparse && !kDeterministic;
+
 // K and V, then K::kStages stages of (Q, dO, lse * log2(e) and delta), from the
 // first 1024-byte boundary of the dynamic shared memory; the barriers at
-// K::kBarOffset: K/V loaded, each stage's full and empty, then the kernel's
-// K::kDQBarriers for handing over dQ tiles: 8 (1 + 2 kStages + kDQBarriers)
-// bytes.
+// K::kBarOffset: K/V loaded, each stage's full and empty, the kernel's
+// K::kDQBarriers for handing over dQ tiles, then K/V free again (every
+// consumer warp done with a key block's K and V): 8 (2 + 2 kStages +
+// kDQBarriers) bytes; then each stage's visit, 8 kStages bytes; then the key
+// blocks' hand-over, 48 bytes. bwd_smem_tail_bytes() counts all from the
+// barriers on.
+constexpr int bwd_smem_tail_bytes(int stages, int dq_barriers) {
+  return 8 * (2 + 3 * stages + dq_barriers) + 48;
+}
+
 template <typename K>
 struct BwdSmem {
   uint8_t* raw;
@@ -105,6 +127,25 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t dq_barrier(int i) const {
     return full_kv() + 8 * (1 + 2 * K::kStages + i);
   }
+  __device__ __forceinline__ uint32_t empty_kv() const {
+    return full_kv() + 8 * (1 + 2 * K::kStages + K::kDQBarriers);
+  }
+  // The query block of a stage's step and whether it is its key block's last
+  // ({m0, last}), so that consumers need not keep the walk in registers.
+  __device__ __forceinline__ int2* visit(int s) const {
+    return reinterpret_cast<int2*>(raw + (empty_kv() + 8 + 8 * s - smem_u32(raw)));
+  }
+  // The key blocks' hand-over (BwdKeyBlocks): two slots, each with a barrier
+  // for written (by the claimer) and one for read (by every other thread
+  // that walks the key blocks: the lse/delta warp, the dQ adder, the consumers).
+  static constexpr int kKeyBlockReaders = 32 + 1 + 256;
+  __device__ __forceinline__ uint32_t key_full(int i) const {
+    return empty_kv() + 8 * (1 + K::kStages + i);
+  }
+  __device__ __forceinline__ uint32_t key_empty(int i) const { return key_full(2 + i); }
+  __device__ __forceinline__ int* key_slot(int i) const {
+    return reinterpret_cast<int*>(raw + (key_full(4 + i) - smem_u32(raw)));
+  }
 
   // By one thread, before a __syncthreads.
   __device__ __forceinline__ void init_barriers() const {
@@ -114,55 +155,137 @@ struct BwdSmem {
       mbar_init(empty(s), K::kStageReleases);
     }
     K::init_dq_barriers(*this);
+    mbar_init(empty_kv(), 8);  // one arrival per consumer warp
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(key_full(i), 1);
+      mbar_init(key_empty(i), kKeyBlockReaders);
+    }
     mbar_init_fence();
   }
 };
 
-// The producer warpgroup: the first lane of warp 0 loads K and V once and each
-// step's Q and dO by TMA; warp 1 writes each step's lse and delta. Both wait
-// for the consumer warps to free a stage.
-template <typename K>
-__device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K>& sm,
-                                            const BwdWalk& walk, int warp, int lane) {
+// The key blocks a block of threads takes, in order. With kPersistent the
+// grid is one block per SM: a block's first key block is its own index, each
+// next one the next unclaimed one of K's order (longest first under a causal
+// mask), claimed from a counter at run time so that blocks which drew short
+// key blocks take more. The TMA thread claims the next one once it has issued
+// the current one's last loads (BwdKeyBlocks::claim) and hands it to the other
+// roles through two shared-memory slots; its first loads then overlap the
+// current one's last products and dK/dV stores. Otherwise a block takes the
+// one key block its index names. Every role but the claimer walks them alike:
+//   for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) ...
+template <typename K, bool kPersistent>
+struct BwdKeyBlocks {
+  const BwdParams& p;
+  const BwdSmem<K>& sm;
+  int taken;  // key blocks taken before this one
+  int id;     // this one's place in K's order
+
+  __device__ __forceinline__ BwdKeyBlocks(const BwdParams& p_, const BwdSmem<K>& sm_)
+      : p(p_), sm(sm_), taken(0), id(kPersistent ? read(0) : 0) {}
+  __device__ __forceinline__ bool more() const {
+    return kPersistent ? id < K::order(p).count() : taken == 0;
+  }
+  __device__ __forceinline__ void next() {
+    ++taken;
+    if (kPersistent) id = read(taken);
+  }
+  __device__ __forceinline__ BlockIndex block() const {
+    return kPersistent ? K::order(p).at(id) : K::order(p).block();
+  }
+  template <bool kSparse>
+  __device__ __forceinline__ BwdWalk walk() const {
+    return BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
+  }
+
+  // By the claimer (the TMA thread), for its taken-th key block: the next
+  // unclaimed place in K's order (the grid's blocks start at their index;
+  // count or more once all are claimed), written to its slot for the others.
+  __device__ __forceinline__ static int claim(const BwdParams& p, const BwdSmem<K>& sm,
+                                              int taken) {
+    const int id = taken == 0 ? int(blockIdx.x) : atomicAdd(p.key_block_counter, 1) + int(gridDim.x);
+    const int slot = taken & 1;
+    mbar_wait(sm.key_empty(slot), ((taken >> 1) & 1) ^ 1);
+    *sm.key_slot(slot) = id;
+    mbar_arrive(sm.key_full(slot));
+    return id;
+  }
+
+ private:
+  __device__ __forceinline__ int read(int n) const {
+    const int slot = n & 1;
+    mbar_wait(sm.key_full(slot), (n >> 1) & 1);
+    const int v = *sm.key_slot(slot);
+    mbar_arrive(sm.key_empty(slot));
+    return v;
+  }
+};
+
+// The producer warpgroup: the first lane of warp 0 loads each key block's K
+// and V and each step's Q and dO by TMA; warp 1 writes each step's lse, delta
+// and visit. Both wait for the consumer warps to free a stage, and K/V loads wait
+// for them to be done with the previous key block's.
+template <typename K, bool kPersistent, bool kSparse>
+__device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K>& sm, int warp,
+                                            int lane) {
   const BwdParams& p = args.p;
   const AttentionShape& sh = p.shape;
   constexpr int kStages = K::kStages, kBlockM = K::kBlockM, kBlockN = K::kBlockN;
-  if (warp == 0 && lane == 0 && !walk.first().done()) {
-    mbar_arrive_expect_tx(sm.full_kv(), 2 * K::kKVBytes);
+  int step = 0;
+  if (warp == 0 && lane == 0) {
+    using Blocks = BwdKeyBlocks<K, kPersistent>;
+    const int count = kPersistent ? K::order(p).count() : 1;
+    int kv_loads = 0;
+    for (int taken = 0, id = kPersistent ? Blocks::claim(p, sm, 0) : 0; id < count;
+         id = kPersistent ? Blocks::claim(p, sm, ++taken) : count) {
+      const BwdWalk walk = BwdWalk::of<kSparse>(
+          p, kPersistent ? K::order(p).at(id) : K::order(p).block(), kBlockM, kBlockN);
+      bool first = true;
+      for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+        const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
+        mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(sm.full(s), 2 * K::kQBytes);
 #pragma unroll
-    for (int c = 0; c < K::kPanels; ++c) {
-      tma_load_4d(sm.k() + c * kBlockN * 128, &args.k, sm.full_kv(), c * 64, walk.kv_head,
-                  walk.n0, walk.batch);
-      tma_load_4d(sm.v() + c * kBlockN * 128, &args.v, sm.full_kv(), c * 64, walk.kv_head,
-                  walk.n0, walk.batch);
-    }
-    int step = 0;
-    for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
-      const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
-      mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
-      mbar_arrive_expect_tx(sm.full(s), 2 * K::kQBytes);
+        for (int c = 0; c < K::kPanels; ++c) {
+          tma_load_4d(sm.q(s) + c * kBlockM * 128, &args.q, sm.full(s), c * 64, head, m0,
+                      walk.batch);
+          tma_load_4d(sm.dout(s) + c * kBlockM * 128, &args.dout, sm.full(s), c * 64, head, m0,
+                      walk.batch);
+        }
+        if (first) {  // K and V after the first Q and dO, which need not wait for them
+          first = false;
+          mbar_wait(sm.empty_kv(), (kv_loads & 1) ^ 1);
+          ++kv_loads;
+          mbar_arrive_expect_tx(sm.full_kv(), 2 * K::kKVBytes);
 #pragma unroll
-      for (int c = 0; c < K::kPanels; ++c) {
-        tma_load_4d(sm.q(s) + c * kBlockM * 128, &args.q, sm.full(s), c * 64, head, m0,
-                    walk.batch);
-        tma_load_4d(sm.dout(s) + c * kBlockM * 128, &args.dout, sm.full(s), c * 64, head, m0,
-                    walk.batch);
+          for (int c = 0; c < K::kPanels; ++c) {
+            tma_load_4d(sm.k() + c * kBlockN * 128, &args.k, sm.full_kv(), c * 64, walk.kv_head,
+                        walk.n0, walk.batch);
+            tma_load_4d(sm.v() + c * kBlockN * 128, &args.v, sm.full_kv(), c * 64, walk.kv_head,
+                        walk.n0, walk.batch);
+          }
+        }
       }
     }
   } else if (warp == 1) {
-    int step = 0;
-    for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
-      const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
-      mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
-      float* stats = sm.stats(s);
-      for (int i = lane; i < kBlockM; i += 32) {
-        const int row = m0 + i;
-        const int64_t r = (int64_t(walk.batch) * sh.heads + head) * sh.seq_q + row;
-        const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
-        stats[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
-        stats[kBlockM + i] = row < sh.seq_q ? p.delta[r] : 0.f;
+    for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) {
+      const BwdWalk walk = blocks.template walk<kSparse>();
+      BwdWalk::Visit after;
+      for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = after, ++step) {
+        const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
+        after = walk.next(visit);
+        mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
+        if (lane == 0) *sm.visit(s) = make_int2(m0, after.done());
+        float* stats = sm.stats(s);
+        for (int i = lane; i < kBlockM; i += 32) {
+          const int row = m0 + i;
+          const int64_t r = (int64_t(walk.batch) * sh.heads + head) * sh.seq_q + row;
+          const float lse = row < sh.seq_q ? p.lse[r] : -CUDART_INF_F;
+          stats[i] = lse == -CUDART_INF_F ? CUDART_INF_F : lse * kLog2e;
+          stats[kBlockM + i] = row < sh.seq_q ? p.delta[r] : 0.f;
+        }
+        mbar_arrive(sm.full(s));
       }
-      mbar_arrive(sm.full(s));
     }
   }
 }
@@ -176,40 +299,44 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
 // shared memory and arrives at K::dq_free(sm, step, w). The consumers thus
 // never wait for the TMA unit. Deterministic: key block n adds both tiles of a
 // query block in its turn n, after block n - 1 (dq_turns.cuh).
-template <typename K, bool kDeterministic>
-__device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>& sm,
-                                           const BwdWalk& walk, int key_block) {
+template <typename K, bool kDeterministic, bool kSparse>
+__device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>& sm) {
   int step = 0;
-  for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
-    const int head = walk.head(visit), m0 = walk.m0(visit);
-    auto add = [&](int w) {
+  constexpr bool kPersistent = kPersistentBwd<K, kDeterministic, kSparse>;
+  for (BwdKeyBlocks<K, kPersistent> blocks(args.p, sm); blocks.more(); blocks.next()) {
+    const BwdWalk walk = blocks.template walk<kSparse>();
+    [[maybe_unused]] const int key_block = blocks.block().tile;
+    for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+      const int head = walk.head(visit), m0 = walk.m0(visit);
+      auto add = [&](int w) {
 #pragma unroll
-      for (int c = 0; c < K::kDQPanels; ++c)
-        tma_reduce_add_4d(&args.dq_accum, K::dq_panel(sm, step, w, c),
-                          32 * (w * K::kDQPanels + c), head, m0, walk.batch);
-    };
-    if constexpr (kDeterministic) {
-      const DQTurns turns(args.p, walk.batch, head, m0);
-      mbar_wait(K::dq_full(sm, step, 0), K::dq_parity(step));
-      mbar_wait(K::dq_full(sm, step, 1), K::dq_parity(step));
-      turns.wait(key_block);
-      fence_async_global();
-      add(0);
-      add(1);
-      bulk_commit();
-      bulk_wait();
-      fence_async_global();
-      turns.pass();
-      mbar_arrive(K::dq_free(sm, step, 0));
-      mbar_arrive(K::dq_free(sm, step, 1));
-    } else {
-#pragma unroll
-      for (int w = 0; w < 2; ++w) {
-        mbar_wait(K::dq_full(sm, step, w), K::dq_parity(step));
-        add(w);
+        for (int c = 0; c < K::kDQPanels; ++c)
+          tma_reduce_add_4d(&args.dq_accum, K::dq_panel(sm, step, w, c),
+                            32 * (w * K::kDQPanels + c), head, m0, walk.batch);
+      };
+      if constexpr (kDeterministic) {
+        const DQTurns turns(args.p, walk.batch, head, m0);
+        mbar_wait(K::dq_full(sm, step, 0), K::dq_parity(step));
+        mbar_wait(K::dq_full(sm, step, 1), K::dq_parity(step));
+        turns.wait(key_block);
+        fence_async_global();
+        add(0);
+        add(1);
         bulk_commit();
-        bulk_wait_read();
-        mbar_arrive(K::dq_free(sm, step, w));
+        bulk_wait();
+        fence_async_global();
+        turns.pass();
+        mbar_arrive(K::dq_free(sm, step, 0));
+        mbar_arrive(K::dq_free(sm, step, 1));
+      } else {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          mbar_wait(K::dq_full(sm, step, w), K::dq_parity(step));
+          add(w);
+          bulk_commit();
+          bulk_wait_read();
+          mbar_arrive(K::dq_free(sm, step, w));
+        }
       }
     }
   }
@@ -218,15 +345,14 @@ __device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>
 
 // The producer warpgroup's roles: warps 0 and 1 fill the stages
 // (bwd_produce), one lane of warp 2 is the dQ adder, warp 3 has nothing to do.
-template <typename K, bool kDeterministic>
+template <typename K, bool kDeterministic, bool kSparse>
 __device__ __forceinline__ void bwd_producer_warpgroup(const BwdArgs& args, const BwdSmem<K>& sm,
-                                                       const BwdWalk& walk, int key_block,
                                                        int warp, int lane) {
   regs_shrink<K::kProducerRegs>();
   if (warp < 2) {
-    bwd_produce<K>(args, sm, walk, warp, lane);
+    bwd_produce<K, kPersistentBwd<K, kDeterministic, kSparse>, kSparse>(args, sm, warp, lane);
   } else if (warp == 2 && lane == 0) {
-    bwd_add_dq<K, kDeterministic>(args, sm, walk, key_block);
+    bwd_add_dq<K, kDeterministic, kSparse>(args, sm);
   }
 }
 
@@ -250,8 +376,18 @@ cudaError_t launch_bwd_passes(void (*kernel)(BwdArgs), const BwdParams& p, cudaS
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   K::kSmemBytes)) != cudaSuccess)
     return err;
+  dim3 grid = K::order(p).grid();
+  // kPersistentBwd: the block-sparse build, outside the deterministic mode.
+  if (K::kPersistent && p.block_sparse.q_lists != nullptr && p.dq_turns == nullptr) {
+    int sms = 0;
+    if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
+      return err;
+    grid = dim3(std::min(K::order(p).count(), sms));
+    if ((err = cudaMemsetAsync(p.key_block_counter, 0, sizeof(int), stream)) != cudaSuccess)
+      return err;
+  }
   launch_bwd_preprocess<T, kD>(p, stream);
-  kernel<<<K::order(p).grid(), K::kThreads, K::kSmemBytes, stream>>>(args);
+  kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, kD>(p, stream);
   return cudaGetLastError();
 }

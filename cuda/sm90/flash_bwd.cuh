@@ -1,9 +1,11 @@
 // FlashAttention backward on Hopper, between the preprocess and dQ-convert
-// passes of bwd_passes.cuh. One block per (128-key block, kv head, batch):
-// K and V are loaded once by TMA; the block walks the query blocks of every
-// query head of its GQA group (so the group's dK/dV are summed in registers),
-// with Q and dO arriving by TMA and lse/delta by one producer warp through a
-// ring of kStages buffers. Two consumer warpgroups each own 64 of the keys:
+// passes of bwd_passes.cuh. With a block-sparse mask a persistent kernel:
+// each block takes key blocks (128 keys of a kv head and batch) in turn
+// (BwdKeyBlocks, kPersistentBwd); otherwise one block per key block. For
+// each, K and V are loaded once by TMA; the block walks the query blocks of
+// every query head of its GQA group (so the group's dK/dV are summed in
+// registers), with Q and dO arriving by TMA and lse/delta by one producer warp
+// through a ring of kStages buffers. Two consumer warpgroups each own 64 of the keys:
 //   S^T = K Q^T, dP^T = V dO^T          (wgmma, both operands in shared memory)
 //   P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta)          (registers)
 //   dV += P^T dO, dK += dS^T Q          (wgmma, P^T / dS^T from registers)
@@ -35,6 +37,7 @@ struct BwdKernel {
   using Tile = BwdTile<kD>;
   static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
   static constexpr int kBlockN = 128;  // two consumer warpgroups of 64 keys
+  static constexpr bool kPersistent = true;
   static constexpr int kThreads = 384;
   static constexpr int kPanels = kD / 64;
   static constexpr int kKVBytes = kBlockN * kD * 2;
@@ -52,7 +55,7 @@ struct BwdKernel {
   static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
-  static constexpr int kUsedBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers);
+  static constexpr int kUsedBytes = kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers);
   // Up to 1024 bytes more to align the base (BwdSmem), as far as the limit
   // allows; the kernel checks that its base fits (in practice the dynamic shared
   // memory starts 1024-aligned).
@@ -60,7 +63,7 @@ struct BwdKernel {
       kUsedBytes + 1024 <= kMaxSmemBytes ? kUsedBytes + 1024 : kMaxSmemBytes;
   static_assert(kUsedBytes <= kMaxSmemBytes);
   static constexpr int kStageReleases = 8;  // one per consumer warp
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kProducerRegs = Tile::kProducerRegs, kConsumerRegs = Tile::kConsumerRegs;
   static_assert(kBlockSparseGranule % kBlockM == 0 && kBlockSparseGranule % kBlockN == 0,
                 "a tile must lie in one block of a block-sparse mask");
   static_assert(register_split_fits<kThreads, 2, kProducerRegs, kConsumerRegs>());
@@ -115,10 +118,6 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warpgroup = warp >> 2;
-  const BlockIndex bi = K::order(p).block();
-  const BwdWalk walk = BwdWalk::of<kSparse>(p, bi, kBlockM, kBlockN);
-  const int kv_head = walk.kv_head, batch = walk.batch, n0 = walk.n0;
-  const BwdWalk::Visit first = walk.first();
   const AttentionMask mask = AttentionMask::of(p);
 
   if (tid == 0) {
@@ -128,7 +127,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    bwd_producer_warpgroup<K, kDeterministic>(args, sm, walk, bi.tile, warp, lane);
+    bwd_producer_warpgroup<K, kDeterministic, kSparse>(args, sm, warp, lane);
     return;
   }
 
@@ -138,8 +137,6 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   typename K::AccKV dk, dv;
-  dk.zero();
-  dv.zero();
   auto& dk_regs = flat<K::AccKV::kNT * 4>(dk);
   auto& dv_regs = flat<K::AccKV::kNT * 4>(dv);
 
@@ -160,15 +157,17 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // step ahead). 9 and 10 hold the turns.
   auto ds_ready = [](int wg, int step) { return 1 + 3 * wg + step % 3; };
 
-  // dQ[:, this warpgroup's columns] of a step = dS K over all 128 keys, once the
-  // other warpgroup's dS^T rows are in shared memory too. Step -1's product
-  // (of whatever the buffer holds) is issued and discarded: a product issued
-  // on only some paths of the loop would make ptxas serialize every wgmma.
+  // dQ[:, this warpgroup's columns] of step g (counted over every key block
+  // of this block of threads) = dS K over all 128 keys, once the other
+  // warpgroup's dS^T rows are in shared memory too. At a key block's first
+  // step a product of whatever the buffer holds is issued and discarded
+  // (`real` false): a product issued on only some paths of the loop would make
+  // ptxas serialize every wgmma.
   typename K::AccQ dq[K::kQTiles];
   auto dq_regs = [&](int mq) -> auto& { return flat<K::AccQ::kNT * 4>(dq[mq]); };
-  auto issue_dq = [&](int step) {
-    if (step >= 0) named_barrier_sync(ds_ready(1 - consumer, step), 256);
-    const int buffer = (step + K::kDSBuffers) % K::kDSBuffers;
+  auto issue_dq = [&](int g, bool real) {
+    if (real) named_barrier_sync(ds_ready(1 - consumer, g), 256);
+    const int buffer = (g + K::kDSBuffers) % K::kDSBuffers;
     wgmma_fence();
 #pragma unroll
     for (int mq = 0; mq < K::kQTiles; ++mq) {
@@ -184,11 +183,11 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
     for (int mq = 0; mq < K::kQTiles; ++mq) pin_registers(dq_regs(mq));
   };
-  // The finished dQ of walk step `tile` -> this warpgroup's dQ buffer (fp32 in
-  // panels of 32 columns, 128-byte rows, swizzled), once the dQ adder has read
-  // out the previous tile.
-  auto stage_dq = [&](int tile) {
-    if (tile > 0) mbar_wait(K::dq_free(sm, tile - 1, consumer), K::dq_parity(tile - 1));
+  // The finished dQ of step g -> this warpgroup's dQ buffer (fp32 in panels of
+  // 32 columns, 128-byte rows, swizzled), once the dQ adder has read out the
+  // previous step's.
+  auto stage_dq = [&](int g) {
+    if (g > 0) mbar_wait(K::dq_free(sm, g - 1, consumer), K::dq_parity(g - 1));
 #pragma unroll
     for (int mq = 0; mq < K::kQTiles; ++mq)
 #pragma unroll
@@ -197,7 +196,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 #pragma unroll
         for (int nt = 0; nt < K::AccQ::kNT; ++nt) {
           const int col = K::AccQ::col(nt, 0, lane);
-          const uint32_t addr = K::dq_panel(sm, tile, consumer, col / 32) + row * 128 +
+          const uint32_t addr = K::dq_panel(sm, g, consumer, col / 32) + row * 128 +
                                 ((((col % 32) / 4) ^ (row & 7)) << 4) + (col % 4) * 4;
           asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr),
                        "f"(dq[mq].x[0][nt][2 * h]), "f"(dq[mq].x[0][nt][2 * h + 1]));
@@ -205,7 +204,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       }
     fence_async_shared();
     __syncwarp();
-    if (lane == 0) mbar_arrive(K::dq_full(sm, tile, consumer));
+    if (lane == 0) mbar_arrive(K::dq_full(sm, g, consumer));
   };
 
   // dV += P^T dO and dK += dS^T Q of the step whose Q/dO are in stage `s`
@@ -234,138 +233,167 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // S^T(t) and dP^T(t), so that one warpgroup's elementwise work runs while
   // the other's products do. dV/dK(t) follow the elementwise work, and with
   // them dQ(t - 1), whose dS^T rows of the other warpgroup have long been in
-  // shared memory: waiting for this step's would keep the two in step. (dQ(-1)
-  // is computed and discarded: a product issued on only some paths of the
-  // loop would make ptxas serialize every wgmma.)
+  // shared memory: waiting for this step's would keep the two in step. (At a
+  // key block's first step, dQ(t - 1) is computed and discarded: a product
+  // issued on only some paths of the loop would make ptxas serialize every
+  // wgmma.) The last step's dQ follows the loop, and with it each warp
+  // releases K and V for the next key block's loads, then writes dK and dV
+  // while those land.
+  // As few values as possible live across the steps: the consumers' registers
+  // are all taken (spills there cost every step).
   const TensorCoreTurns<2, 9> turns{consumer};
-  if (!first.done()) {
-    turns.begin();
-    mbar_wait(sm.full_kv(), 0);
-  }
-  int step = 0;
-  for (BwdWalk::Visit visit = first; !visit.done(); visit = walk.next(visit), ++step) {
-    const int s = step % kStages, m0 = walk.m0(visit);
-    mbar_wait(sm.full(s), (step / kStages) & 1);
-    // The lse of this thread's queries, read before the products start (and
-    // delta before the exponentials): a shared-memory load issued while the
-    // products run waits behind their operand reads for hundreds of cycles.
-    // The deterministic kernel, with fewer registers to spare, reads lse with
-    // delta.
-    const float* stats = sm.stats(s);
-    float2 lse[K::AccS::kNT], delta[K::AccS::kNT];
-    auto read_lse = [&] {
-#pragma unroll
-      for (int nt = 0; nt < K::AccS::kNT; ++nt)
-        lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
-    };
-    if constexpr (K::kStatsInRegisters && !kDeterministic) read_lse();
-    turns.wait();
-
-    // S^T and dP^T, rows = keys, cols = queries.
-    typename K::AccS st, dpt;
-    auto& st_regs = flat<K::AccS::kNT * 4>(st);
-    auto& dpt_regs = flat<K::AccS::kNT * 4>(dpt);
-    const uint64_t q_desc = sw128_desc(sm.q(s), 16), do_desc = sw128_desc(sm.dout(s), 16);
-    wgmma_fence();
-    wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(st_regs, k_rows_desc, q_desc);
-    wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(dpt_regs, v_rows_desc, do_desc);
-    turns.pass();
-
-    // P^T while dP^T is still being computed.
-    const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN);
-    wgmma_wait<1>();
-    pin_registers(st_regs);
-    if constexpr (K::kStatsInRegisters) {
-      if constexpr (kDeterministic) read_lse();
-#pragma unroll
-      for (int nt = 0; nt < K::AccS::kNT; ++nt)
-        delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+  int gstep = 0, kv_loads = 0;  // steps and K/V loads of every key block so far
+  for (BwdKeyBlocks<K, kPersistentBwd<K, kDeterministic, kSparse>> blocks(p, sm); blocks.more();
+       blocks.next()) {
+    const int n0 = blocks.block().tile * kBlockN;
+    // The steps' query blocks come with their stages (BwdSmem::visit).
+    bool last = blocks.template walk<kSparse>().first().done();
+    dk.zero();
+    dv.zero();
+    if (!last) {
+      if (kv_loads == 0) turns.begin();
+      mbar_wait(sm.full_kv(), kv_loads & 1);
+      ++kv_loads;
     }
-    // The mask in a loop of its own: a branch between exponentials makes each
-    // wait for the previous one's result.
+    bool later = false;  // past this key block's first step
+    while (!last) {
+      const int s = gstep % kStages;
+      mbar_wait(sm.full(s), (gstep / kStages) & 1);
+      const int2 visit = *sm.visit(s);
+      const int m0 = visit.x;
+      last = visit.y;
+      // The lse of this thread's queries, read before the products start (and
+      // delta before the exponentials): a shared-memory load issued while the
+      // products run waits behind their operand reads for hundreds of cycles.
+      // The deterministic kernel, with fewer registers to spare, reads lse with
+      // delta.
+      const float* stats = sm.stats(s);
+      float2 lse[K::AccS::kNT], delta[K::AccS::kNT];
+      auto read_lse = [&] {
 #pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt) {
-      if constexpr (!K::kStatsInRegisters)
-        lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
+        for (int nt = 0; nt < K::AccS::kNT; ++nt)
+          lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
+      };
+      if constexpr (K::kStatsInRegisters && !kDeterministic) read_lse();
+      turns.wait();
+
+      // S^T and dP^T, rows = keys, cols = queries.
+      typename K::AccS st, dpt;
+      auto& st_regs = flat<K::AccS::kNT * 4>(st);
+      auto& dpt_regs = flat<K::AccS::kNT * 4>(dpt);
+      const uint64_t q_desc = sw128_desc(sm.q(s), 16), do_desc = sw128_desc(sm.dout(s), 16);
+      wgmma_fence();
+      wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(st_regs, k_rows_desc, q_desc);
+      wgmma_over_head_dim<T, kBlockM, kD, kBlockN, kBlockM>(dpt_regs, v_rows_desc, do_desc);
+      turns.pass();
+
+      // P^T while dP^T is still being computed.
+      const bool need_mask = mask.tile_needs_mask(m0, kBlockM, n0, kBlockN);
+      wgmma_wait<1>();
+      pin_registers(st_regs);
+      if constexpr (K::kStatsInRegisters) {
+        if constexpr (kDeterministic) read_lse();
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        st.x[0][nt][i] =
-            fast_exp2(fmaf(st.x[0][nt][i], scale_log2, i & 1 ? -lse[nt].y : -lse[nt].x));
-    }
-    if (need_mask) {
+        for (int nt = 0; nt < K::AccS::kNT; ++nt)
+          delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+      }
+      // The mask in a loop of its own: a branch between exponentials makes each
+      // wait for the previous one's result.
 #pragma unroll
-      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+      for (int nt = 0; nt < K::AccS::kNT; ++nt) {
+        if constexpr (!K::kStatsInRegisters)
+          lse[nt] = *reinterpret_cast<const float2*>(stats + K::AccS::col(nt, 0, lane));
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (!mask.visible(m0 + K::AccS::col(nt, i, lane), n0 + key_row0 + K::AccS::row(0, i, lane)))
-            st.x[0][nt][i] = 0.f;
-    }
-    wgmma_wait<0>();
-    pin_registers(dpt_regs);
-#pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt) {
-      if constexpr (!K::kStatsInRegisters)
-        delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        dpt.x[0][nt][i] = st.x[0][nt][i] * (dpt.x[0][nt][i] - (i & 1 ? delta[nt].y : delta[nt].x));
-    }
-    accum_to_a_frags<T>(p_frags, st);
-    accum_to_a_frags<T>(ds_frags, dpt);
-
-    // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled;
-    // a panel of kBlockN rows per 64 queries), where the dQ product reads it as
-    // an M-major operand. The buffer was last
-    // read by dQ(step - 3), which both warpgroups waited for in step - 2: this
-    // one itself, the other before passing its turn of step - 1.
-    const uint32_t ds_buf = sdS(step % K::kDSBuffers);
-#pragma unroll
-    for (int nt = 0; nt < K::AccS::kNT; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = key_row0 + K::AccS::row(0, 2 * h, lane);
-        const uint32_t addr = ds_buf + (nt / 8) * kBlockN * 128 + row * 128 +
-                              (((nt % 8) ^ (row & 7)) << 4) + (lane & 3) * 4;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
+          st.x[0][nt][i] =
+              fast_exp2(fmaf(st.x[0][nt][i], scale_log2, i & 1 ? -lse[nt].y : -lse[nt].x));
       }
-    fence_async_shared();
-    named_barrier_arrive(ds_ready(consumer, step), 256);
-
-    issue_dkdv(s);
-    issue_dq(step - 1);
-    wgmma_wait<0>();
-    pin_registers(dv_regs);
-    pin_registers(dk_regs);
-    pin_dq();
-    release(s);
-    if (step > 0) stage_dq(step - 1);
-  }
-  if (step > 0) {
-    issue_dq(step - 1);
-    wgmma_wait<0>();
-    pin_dq();
-    stage_dq(step - 1);
-    turns.finish();
-  }
-
-  // Epilogue: dK picks up the softmax scale here; dV needs none.
-  const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
-  const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
-  T* dk_out = static_cast<T*>(p.dk) + kv_offset;
-  T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+      if (need_mask) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
-    if (n0 + row >= sh.seq_k) continue;
+        for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
-      const int64_t off = row * kv_row_stride + K::AccKV::col(nt, 0, lane);
-      *reinterpret_cast<uint32_t*>(dk_out + off) = pack2<T>(
-          dk.x[0][nt][2 * h] * p.softmax_scale, dk.x[0][nt][2 * h + 1] * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(dv_out + off) =
-          pack2<T>(dv.x[0][nt][2 * h], dv.x[0][nt][2 * h + 1]);
+          for (int i = 0; i < 4; ++i)
+            if (!mask.visible(m0 + K::AccS::col(nt, i, lane),
+                              n0 + key_row0 + K::AccS::row(0, i, lane)))
+              st.x[0][nt][i] = 0.f;
+      }
+      wgmma_wait<0>();
+      pin_registers(dpt_regs);
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt) {
+        if constexpr (!K::kStatsInRegisters)
+          delta[nt] = *reinterpret_cast<const float2*>(stats + kBlockM + K::AccS::col(nt, 0, lane));
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          dpt.x[0][nt][i] =
+              st.x[0][nt][i] * (dpt.x[0][nt][i] - (i & 1 ? delta[nt].y : delta[nt].x));
+      }
+      accum_to_a_frags<T>(p_frags, st);
+      accum_to_a_frags<T>(ds_frags, dpt);
+
+      // dS^T -> shared memory (rows = keys, 128-byte rows of 64 queries, swizzled;
+      // a panel of kBlockN rows per 64 queries), where the dQ product reads it as
+      // an M-major operand. The buffer was last
+      // read by dQ(gstep - 3), which both warpgroups waited for in gstep - 2:
+      // this one itself, the other before passing its turn of gstep - 1 (and
+      // by the discarded product of a key block's first step, at gstep - 2).
+      const uint32_t ds_buf = sdS(gstep % K::kDSBuffers);
+#pragma unroll
+      for (int nt = 0; nt < K::AccS::kNT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = key_row0 + K::AccS::row(0, 2 * h, lane);
+          const uint32_t addr = ds_buf + (nt / 8) * kBlockN * 128 + row * 128 +
+                                (((nt % 8) ^ (row & 7)) << 4) + (lane & 3) * 4;
+          asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr),
+                       "r"(ds_frags[0][nt / 2][(nt & 1) * 2 + h]));
+        }
+      fence_async_shared();
+      named_barrier_arrive(ds_ready(consumer, gstep), 256);
+
+      issue_dkdv(s);
+      issue_dq(gstep - 1, later);
+      wgmma_wait<0>();
+      pin_registers(dv_regs);
+      pin_registers(dk_regs);
+      pin_dq();
+      release(s);
+      if (later) stage_dq(gstep - 1);
+      later = true;
+      ++gstep;
+    }
+    if (later) {
+      issue_dq(gstep - 1, true);
+      wgmma_wait<0>();
+      pin_dq();
+      // Every product that reads K and V is done: the next key block's may load.
+      __syncwarp();
+      if (lane == 0) mbar_arrive(sm.empty_kv());
+      stage_dq(gstep - 1);
+    }
+
+    // Epilogue: dK picks up the softmax scale here; dV needs none.
+    const BlockIndex bi = blocks.block();
+    const int kv_head = bi.head, batch = bi.batch;
+    const int64_t kv_row_stride = int64_t(sh.kv_heads) * kD;
+    const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
+    T* dk_out = static_cast<T*>(p.dk) + kv_offset;
+    T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
+      if (n0 + row >= sh.seq_k) continue;
+#pragma unroll
+      for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
+        const int64_t off = row * kv_row_stride + K::AccKV::col(nt, 0, lane);
+        *reinterpret_cast<uint32_t*>(dk_out + off) = pack2<T>(
+            dk.x[0][nt][2 * h] * p.softmax_scale, dk.x[0][nt][2 * h + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(dv_out + off) =
+            pack2<T>(dv.x[0][nt][2 * h], dv.x[0][nt][2 * h + 1]);
+      }
     }
   }
+  if (kv_loads > 0) turns.finish();
 }
 
 template <typename T, int kD>

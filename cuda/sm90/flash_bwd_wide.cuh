@@ -53,7 +53,10 @@ struct BwdWideKernel {
   static constexpr int kDSOffset = kPOffset + kPBytes;
   static constexpr int kBarOffset = kDSOffset + kPBytes;
   static constexpr int kDQBarriers = 2 * kStages;  // per stage and warpgroup: dQ^T staged
-  static constexpr int kSmemBytes = kBarOffset + 8 * (1 + 2 * kStages + kDQBarriers) + 1024;
+  static constexpr int kSmemBytes =
+      kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers) + 1024;  // BwdSmem
+  // One block per key block (BwdKeyBlocks).
+  static constexpr bool kPersistent = false;
   static constexpr int kStageReleases = 2;  // the dQ adder, once per warpgroup's dQ^T
 
   // The dQ adder's view (bwd_add_dq): warpgroup w's dQ^T panel c is staged in
@@ -116,7 +119,7 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {
-    bwd_producer_warpgroup<K, kDeterministic>(args, sm, walk, bi.tile, warp, lane);
+    bwd_producer_warpgroup<K, kDeterministic, kSparse>(args, sm, warp, lane);
     return;
   }
 

@@ -17,10 +17,17 @@ template <> struct FwdTile<64>  { static constexpr int kBlockN = 128, kStages = 
 template <> struct FwdTile<128> { static constexpr int kBlockN = 128, kStages = 2, kConsumers = 2; };
 template <> struct FwdTile<256> { static constexpr int kBlockN = 64,  kStages = 2, kConsumers = 2; };
 
+// kProducerRegs / kConsumerRegs: the backward's register split (setmaxnreg),
+// chosen by the spill report: at head_dim 128 the consumers spill in their
+// loop unless they have 240.
 template <int kHeadDim>
 struct BwdTile;
-template <> struct BwdTile<64>  { static constexpr int kBlockM = 128, kStages = 2; };
-template <> struct BwdTile<128> { static constexpr int kBlockM = 64, kStages = 2; };
+template <> struct BwdTile<64>  {
+  static constexpr int kBlockM = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232;
+};
+template <> struct BwdTile<128> {
+  static constexpr int kBlockM = 64, kStages = 2, kProducerRegs = 24, kConsumerRegs = 240;
+};
 template <> struct BwdTile<256> { static constexpr int kBlockM = 64, kStages = 2; };
 
 }  // namespace jax_flash::sm90
