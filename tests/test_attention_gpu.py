@@ -417,6 +417,8 @@ class CudaBlockSparseTest(parameterized.TestCase):
        dict(window_size=(500, 200)), "bf16"),
       ("_d128_segments_softcap", 128, True, 1100, 1100, 0.6, (4,), (128, 128),
        dict(segment_ids="packed", softcap=2.0), "bf16"),
+      ("_d64_alibi", 64, False, 900, 900, 0.5, (), (128, 128), dict(alibi_slopes=True),
+       "bf16"),
   )
   def test_block_mask_matches_reference(self, head_dim, causal, seq_q, seq_k, density, lead,
                                         block_size, more, dtype):
@@ -428,6 +430,8 @@ class CudaBlockSparseTest(parameterized.TestCase):
     if "segment_ids" in more:
       ids = util.packed_segments(5, 2, seq_q, 5)
       more["segment_ids"] = (ids, ids)
+    if "alibi_slopes" in more:
+      more["alibi_slopes"] = jnp.linspace(0.01, 0.04, 4, dtype=jnp.float32)
 
     def attention(q, k, v, mask=None, **kwargs):
       del mask  # the reference's element mask; the kernels take the blocks

@@ -41,8 +41,9 @@ struct FwdArgs {
 };
 
 // The forward's builds, by the arrays a call reads (they cost registers even
-// when off): none; segment ids and ALiBi slopes; those and a block-sparse mask.
-enum class FwdArrays { kNone, kMasks, kBlockSparse };
+// when off): none; segment ids and ALiBi slopes; a block-sparse mask; a
+// block-sparse mask with segment ids or ALiBi slopes.
+enum class FwdArrays { kNone, kMasks, kBlockSparse, kBlockSparseMasks };
 
 template <typename T, int kD, FwdArrays kArrays = FwdArrays::kNone>
 struct FwdKernel {
@@ -50,7 +51,10 @@ struct FwdKernel {
   static constexpr int kBlockN = Tile::kBlockN, kStages = Tile::kStages;
   // A query tile of a block-sparse mask lies in one of its blocks: at most
   // kBlockSparseGranule queries, from a multiple of it.
-  static constexpr bool kSparse = kArrays == FwdArrays::kBlockSparse;
+  static constexpr bool kSparse =
+      kArrays == FwdArrays::kBlockSparse || kArrays == FwdArrays::kBlockSparseMasks;
+  static constexpr bool kMasks =
+      kArrays == FwdArrays::kMasks || kArrays == FwdArrays::kBlockSparseMasks;
   static constexpr int kConsumers =
       kSparse ? std::min(Tile::kConsumers, kBlockSparseGranule / 64) : Tile::kConsumers;
   static constexpr int kBlockM = 64 * kConsumers;
@@ -97,7 +101,7 @@ template <typename T, int kD, FwdArrays kArrays>
 __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     flash_fwd_kernel(const __grid_constant__ FwdArgs args) {
   using K = FwdKernel<T, kD, kArrays>;
-  constexpr bool kMasks = kArrays != FwdArrays::kNone;
+  constexpr bool kMasks = K::kMasks;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   const FwdParams& p = args.p;
   extern __shared__ uint8_t smem_raw[];
@@ -426,7 +430,9 @@ cudaError_t launch_fwd_build(const FwdParams& p, cudaStream_t stream) {
 template <typename T, int kD>
 cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   if (p.block_sparse.q_lists != nullptr)
-    return launch_fwd_build<T, kD, FwdArrays::kBlockSparse>(p, stream);
+    return p.segments.q_ids != nullptr || p.alibi_slopes != nullptr
+               ? launch_fwd_build<T, kD, FwdArrays::kBlockSparseMasks>(p, stream)
+               : launch_fwd_build<T, kD, FwdArrays::kBlockSparse>(p, stream);
   if (extras_of(p) != kNoExtras) return launch_fwd_build<T, kD, FwdArrays::kMasks>(p, stream);
   return launch_fwd_build<T, kD, FwdArrays::kNone>(p, stream);
 }
