@@ -137,8 +137,9 @@ struct BwdSmem {
   }
   // The key blocks' hand-over (BwdKeyBlocks): two slots, each with a barrier
   // for written (by the claimer) and one for read (by every other thread
-  // that walks the key blocks: the lse/delta warp, the dQ adder, the consumers).
-  static constexpr int kKeyBlockReaders = 32 + 1 + 256;
+  // that walks the key blocks: the lse/delta warp, the dQ adder, the consumer
+  // warpgroups).
+  static constexpr int kKeyBlockReaders = 32 + 1 + (K::kThreads - 128);
   __device__ __forceinline__ uint32_t key_full(int i) const {
     return empty_kv() + 8 * (1 + K::kStages + i);
   }
