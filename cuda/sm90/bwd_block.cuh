@@ -10,6 +10,7 @@
 #include <math_constants.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../common/block_order.cuh"
 #include "../common/block_sparse.cuh"
@@ -173,9 +174,10 @@ struct BwdSmem {
 // the current one's last loads (BwdKeyBlocks::claim) and hands it to the other
 // roles through two shared-memory slots; its first loads then overlap the
 // current one's last products and dK/dV stores. Otherwise a block takes the
-// one key block its index names. Every role but the claimer walks them alike:
+// one key block its index names. Every role walks them alike, the claimer
+// with kClaims:
 //   for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) ...
-template <typename K, bool kPersistent>
+template <typename K, bool kPersistent, bool kClaims = false>
 struct BwdKeyBlocks {
   const BwdParams& p;
   const BwdSmem<K>& sm;
@@ -183,13 +185,13 @@ struct BwdKeyBlocks {
   int id;     // this one's place in K's order
 
   __device__ __forceinline__ BwdKeyBlocks(const BwdParams& p_, const BwdSmem<K>& sm_)
-      : p(p_), sm(sm_), taken(0), id(kPersistent ? read(0) : 0) {}
+      : p(p_), sm(sm_), taken(0), id(kPersistent ? take(0) : 0) {}
   __device__ __forceinline__ bool more() const {
     return kPersistent ? id < K::order(p).count() : taken == 0;
   }
   __device__ __forceinline__ void next() {
     ++taken;
-    if (kPersistent) id = read(taken);
+    if (kPersistent) id = take(taken);
   }
   __device__ __forceinline__ BlockIndex block() const {
     return kPersistent ? K::order(p).at(id) : K::order(p).block();
@@ -199,26 +201,25 @@ struct BwdKeyBlocks {
     return BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
   }
 
-  // By the claimer (the TMA thread), for its taken-th key block: the next
-  // unclaimed place in K's order (the grid's blocks start at their index;
-  // count or more once all are claimed), written to its slot for the others.
-  __device__ __forceinline__ static int claim(const BwdParams& p, const BwdSmem<K>& sm,
-                                              int taken) {
-    const int id = taken == 0 ? int(blockIdx.x) : atomicAdd(p.key_block_counter, 1) + int(gridDim.x);
-    const int slot = taken & 1;
-    mbar_wait(sm.key_empty(slot), ((taken >> 1) & 1) ^ 1);
-    *sm.key_slot(slot) = id;
-    mbar_arrive(sm.key_full(slot));
-    return id;
-  }
 
  private:
-  __device__ __forceinline__ int read(int n) const {
+  // The n-th key block's place in K's order (count or more once all are
+  // claimed). The claimer takes the next unclaimed one (the grid's blocks
+  // start at their index) and writes it to its slot; the others read it there.
+  __device__ __forceinline__ int take(int n) const {
     const int slot = n & 1;
-    mbar_wait(sm.key_full(slot), (n >> 1) & 1);
-    const int v = *sm.key_slot(slot);
-    mbar_arrive(sm.key_empty(slot));
-    return v;
+    if constexpr (kClaims) {
+      const int id = n == 0 ? int(blockIdx.x) : atomicAdd(p.key_block_counter, 1) + int(gridDim.x);
+      mbar_wait(sm.key_empty(slot), ((n >> 1) & 1) ^ 1);
+      *sm.key_slot(slot) = id;
+      mbar_arrive(sm.key_full(slot));
+      return id;
+    } else {
+      mbar_wait(sm.key_full(slot), (n >> 1) & 1);
+      const int id = *sm.key_slot(slot);
+      mbar_arrive(sm.key_empty(slot));
+      return id;
+    }
   }
 };
 
@@ -234,13 +235,11 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
   constexpr int kStages = K::kStages, kBlockM = K::kBlockM, kBlockN = K::kBlockN;
   int step = 0;
   if (warp == 0 && lane == 0) {
-    using Blocks = BwdKeyBlocks<K, kPersistent>;
-    const int count = kPersistent ? K::order(p).count() : 1;
     int kv_loads = 0;
-    for (int taken = 0, id = kPersistent ? Blocks::claim(p, sm, 0) : 0; id < count;
-         id = kPersistent ? Blocks::claim(p, sm, ++taken) : count) {
-      const BwdWalk walk = BwdWalk::of<kSparse>(
-          p, kPersistent ? K::order(p).at(id) : K::order(p).block(), kBlockM, kBlockN);
+    // Claims the next key block once this one's last loads are issued.
+    for (BwdKeyBlocks<K, kPersistent, /*kClaims=*/true> blocks(p, sm); blocks.more();
+         blocks.next()) {
+      const BwdWalk walk = blocks.template walk<kSparse>();
       bool first = true;
       for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
         const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
@@ -357,13 +356,10 @@ __device__ __forceinline__ void bwd_producer_warpgroup(const BwdArgs& args, cons
   }
 }
 
-// The backward's three launches: the preprocess pass, `kernel` (an
-// instantiation of K's) and the dQ conversion.
-template <typename T, int kD, typename K>
-cudaError_t launch_bwd_passes(void (*kernel)(BwdArgs), const BwdParams& p, cudaStream_t stream) {
-  // The dQ turns count every key block, so a deterministic block-sparse
-  // backward is the sm80 family's (the FFI sends it there).
-  if (p.dq_turns != nullptr && p.block_sparse.q_lists != nullptr) return cudaErrorNotSupported;
+// The backward's three launches: the preprocess pass, `kernel` (K's build
+// kDeterministic, kSparse) and the dQ conversion.
+template <typename T, int kD, typename K, bool kDeterministic, bool kSparse>
+cudaError_t launch_bwd_build(void (*kernel)(BwdArgs), const BwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
   BwdArgs args;
   args.p = p;
@@ -378,8 +374,7 @@ cudaError_t launch_bwd_passes(void (*kernel)(BwdArgs), const BwdParams& p, cudaS
                                   K::kSmemBytes)) != cudaSuccess)
     return err;
   dim3 grid = K::order(p).grid();
-  // kPersistentBwd: the block-sparse build, outside the deterministic mode.
-  if (K::kPersistent && p.block_sparse.q_lists != nullptr && p.dq_turns == nullptr) {
+  if constexpr (kPersistentBwd<K, kDeterministic, kSparse>) {
     int sms = 0;
     if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
       return err;
@@ -391,6 +386,25 @@ cudaError_t launch_bwd_passes(void (*kernel)(BwdArgs), const BwdParams& p, cudaS
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
   launch_bwd_convert_dq<T, kD>(p, stream);
   return cudaGetLastError();
+}
+
+// The build a call needs. kernel_of(det, sparse), given std::bool_constants,
+// names K's kernel of that build.
+template <typename T, int kD, typename K, typename KernelOf>
+cudaError_t launch_bwd_passes(KernelOf kernel_of, const BwdParams& p, cudaStream_t stream) {
+  using std::false_type, std::true_type;
+  if (p.block_sparse.q_lists != nullptr) {
+    // The dQ turns count every key block, so a deterministic block-sparse
+    // backward is the sm80 family's (the FFI sends it there).
+    if (p.dq_turns != nullptr) return cudaErrorNotSupported;
+    return launch_bwd_build<T, kD, K, false, true>(kernel_of(false_type{}, true_type{}), p,
+                                                   stream);
+  }
+  if (p.dq_turns != nullptr)
+    return launch_bwd_build<T, kD, K, true, false>(kernel_of(true_type{}, false_type{}), p,
+                                                   stream);
+  return launch_bwd_build<T, kD, K, false, false>(kernel_of(false_type{}, false_type{}), p,
+                                                  stream);
 }
 
 }  // namespace jax_flash::sm90

@@ -398,10 +398,11 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
 template <typename T, int kD>
 cudaError_t launch_bwd(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = p.block_sparse.q_lists != nullptr ? flash_bwd_kernel<T, kD, false, true>
-                : p.dq_turns != nullptr           ? flash_bwd_kernel<T, kD, true, false>
-                                                  : flash_bwd_kernel<T, kD, false, false>;
-  return launch_bwd_passes<T, kD, BwdKernel<T, kD>>(kernel, p, stream);
+  return launch_bwd_passes<T, kD, BwdKernel<T, kD>>(
+      [](auto det, auto sparse) {
+        return flash_bwd_kernel<T, kD, decltype(det)::value, decltype(sparse)::value>;
+      },
+      p, stream);
 }
 
 }  // namespace jax_flash::sm90

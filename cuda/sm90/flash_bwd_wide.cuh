@@ -288,10 +288,11 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
 
 template <typename T, int kD>
 cudaError_t launch_bwd_wide(const BwdParams& p, cudaStream_t stream) {
-  auto kernel = p.block_sparse.q_lists != nullptr ? flash_bwd_wide_kernel<T, kD, false, true>
-                : p.dq_turns != nullptr           ? flash_bwd_wide_kernel<T, kD, true, false>
-                                                  : flash_bwd_wide_kernel<T, kD, false, false>;
-  return launch_bwd_passes<T, kD, BwdWideKernel<T, kD>>(kernel, p, stream);
+  return launch_bwd_passes<T, kD, BwdWideKernel<T, kD>>(
+      [](auto det, auto sparse) {
+        return flash_bwd_wide_kernel<T, kD, decltype(det)::value, decltype(sparse)::value>;
+      },
+      p, stream);
 }
 
 }  // namespace jax_flash::sm90
