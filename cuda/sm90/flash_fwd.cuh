@@ -72,13 +72,15 @@ struct FwdKernel {
   // sparse tiles are short (few key tiles per query tile), so they claim
   // earlier.
   static constexpr int kClaimLead = kSparse ? 2 : 0;
-  // Shared memory: Q, K stages, V stages, the barriers, the tile slots.
+  // Shared memory: Q, K stages, V stages, the barriers, the tile slots, each K
+  // stage's key tile.
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
   static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots + 1;
   static constexpr int kTileSlotOffset = kBarOffset + 8 * kBarriers;
-  static constexpr int kSmemBytes = kTileSlotOffset + 16 * kTileSlots + 1024;  // + alignment
+  static constexpr int kStageKeyOffset = kTileSlotOffset + 16 * kTileSlots;
+  static constexpr int kSmemBytes = kStageKeyOffset + 4 * kStages + 1024;  // + alignment
   // Registers per thread after reallocation: 24 for the producer, the rest split
   // over the consumers (a multiple of 8, at most 240 for the compiler's sake).
   static constexpr int kProducerRegs = 24;
@@ -120,6 +122,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   };
   const uint32_t loads_issued = full_q + 8 * (2 + 4 * kStages + 2 * K::kTileSlots);
   auto tile_slot = [&](int k) { return smem + K::kTileSlotOffset + 16 * (k % K::kTileSlots); };
+  // A block-sparse walk's key tile in K stage s, written by the TMA thread
+  // before the stage's loads and read by the consumers once they have landed
+  // (before they free the stage), so that consumers do not walk the mask's
+  // lists: that walk's dependent global loads sat between each QK^T and its
+  // softmax.
+  auto stage_key = [&](int s) { return smem + K::kStageKeyOffset + 4 * s; };
   auto slot_phase = [](int k) { return uint32_t(k / K::kTileSlots) & 1; };
 
   const AttentionShape& sh = p.shape;
@@ -242,6 +250,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           const int s = it % kStages;
           const uint32_t phase = (it / kStages) & 1;
           mbar_wait(empty_k(s), phase ^ 1);
+          if (K::kSparse) st_shared_u32(stage_key(s), n0);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sK(s), &args.k, full_k(s), kv_head, n0, bi.batch);
           if (i == 0) {  // Q after the first K: the previous tile's last products may still read Q
@@ -278,13 +287,16 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   float alpha[1][2];
   uint32_t p_frags[1][kBlockN / 16][4];
 
-  // S = Q K^T of ring slot `it`, issued (not waited for).
+  // S = Q K^T of ring slot `it`, issued (not waited for). Returns the slot's
+  // first key under a block-sparse mask (0 otherwise).
   auto issue_qk = [&](int it) {
     const int s = it % kStages;
     const uint64_t k_desc = sw128_desc(sK(s), 16);
     mbar_wait(full_k(s), (it / kStages) & 1);
+    const int n0 = K::kSparse ? ld_shared_u32(stage_key(s)) : 0;
     wgmma_fence();
     wgmma_over_head_dim<T, kBlockN, kD, kBlockM, kBlockN>(s_regs, q_desc, k_desc);
+    return n0;
   };
   // O += P V of ring slot `it`, issued.
   auto issue_pv = [&](int it) {
@@ -313,7 +325,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     const SegmentMask segments = segments_of(bi.batch);
     const Alibi alibi = kMasks ? Alibi::of(p, bi.batch, bi.head, softmax_scale) : Alibi{};
     const int2 keys = key_blocks(m0, segments);
-    KeyTiles tiles = key_tiles(bi, m0, keys);
+    const KeyTiles tiles = key_tiles(bi, m0, keys);
     const int n_blocks =
         K::kSparse ? __reduce_add_sync(~0u, tiles.count(lane, 32)) : keys.y - keys.x;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
@@ -322,11 +334,11 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     };
     o.zero();
     OnlineSoftmax<1> softmax;
-    // Scores of the i-th key block of this tile (landed in s_regs) ->
-    // probabilities in place. Packing them into p_frags waits until no product
-    // reads p_frags any more.
-    auto softmax_step = [&](int i) {
-      const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
+    // Scores of the i-th key block of this tile (landed in s_regs; its first
+    // key `sparse_n0` under a block-sparse mask) -> probabilities in place.
+    // Packing them into p_frags waits until no product reads p_frags any more.
+    auto softmax_step = [&](int i, int sparse_n0) {
+      const int n0 = K::kSparse ? sparse_n0 : (keys.y - 1 - i) * kBlockN;
       if (softcap.on()) softcap.apply(acc_s);  // before the mask: tanh(-inf) is -1
       if (alibi.on()) alibi.apply(acc_s, q0, n0, lane);
       if (mask.tile_needs_mask(q0, 64, n0, kBlockN) ||
@@ -345,17 +357,17 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       took_turns = true;
       mbar_wait(full_q, tiles_done & 1);
       turns.wait();
-      issue_qk(it);
+      const int first_n0 = issue_qk(it);
       turns.pass();
       wgmma_wait<0>();
       pin_registers(s_regs);
       release(empty_k(it % kStages));
       if (n_blocks == 1) release(empty_q);
-      softmax_step(0);
+      softmax_step(0, first_n0);
       accum_to_a_frags<T>(p_frags, acc_s);
       for (int i = 1; i < n_blocks; ++i) {
         turns.wait();
-        issue_qk(it + i);
+        const int n0 = issue_qk(it + i);
         OnlineSoftmax<1>::rescale(o, alpha);
         issue_pv(it + i - 1);
         turns.pass();
@@ -363,7 +375,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
         pin_registers(s_regs);
         release(empty_k((it + i) % kStages));
         if (i == n_blocks - 1) release(empty_q);
-        softmax_step(i);
+        softmax_step(i, n0);
         wgmma_wait<0>();
         pin_registers(o_regs);
         release(empty_v((it + i - 1) % kStages));

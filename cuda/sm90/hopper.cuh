@@ -47,6 +47,18 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 
+// A word of shared memory that one role hands another: written before an
+// mbarrier arrival (which releases it), read after the matching wait.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, int v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_shared_u32(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+
 // --- TMA: a box of a tensor described by a CUtensorMap (a __grid_constant__
 // kernel parameter) copied to shared memory; completion counts bytes on `bar`.
 
