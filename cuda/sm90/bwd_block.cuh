@@ -201,7 +201,6 @@ struct BwdKeyBlocks {
     return BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
   }
 
-
  private:
   // The n-th key block's place in K's order (count or more once all are
   // claimed). The claimer takes the next unclaimed one (the grid's blocks
