@@ -29,15 +29,18 @@ struct SegmentIds {
 inline constexpr int kBlockSparseGranule = 128;
 
 // A block-sparse mask as lists (common/block_sparse.cuh); q_lists == nullptr:
-// none. heads: 1 (one mask for every head) or the query heads.
+// none. heads: 1 (one mask for every head) or the query heads. The lists'
+// batch' rows divide the call's batch into runs of batch_run rows that share
+// one (batch_run = batch for one mask for every row, 1 for a mask per row).
 struct BlockSparseParams {
-  const int* q_lists;   // [batch, heads, num_q_blocks, num_k_blocks]: key blocks on, ascending
-  const int* q_counts;  // [batch, heads, num_q_blocks]
-  const int* k_lists;   // [batch, heads, num_k_blocks, num_q_blocks]: query blocks on
-  const int* k_counts;  // [batch, heads, num_k_blocks]
+  const int* q_lists;   // [batch', heads, num_q_blocks, num_k_blocks]: key blocks on, ascending
+  const int* q_counts;  // [batch', heads, num_q_blocks]
+  const int* k_lists;   // [batch', heads, num_k_blocks, num_q_blocks]: query blocks on
+  const int* k_counts;  // [batch', heads, num_k_blocks]
   int block_q;
   int block_k;
   int heads;
+  int batch_run;
 };
 
 // Dropout on the probabilities (common/dropout.cuh); seed == nullptr: none.
@@ -97,7 +100,8 @@ struct BwdParams {
   // whose turn it is to add its dQ (see common/dq_turns.cuh).
   int* dq_turns;
   // Otherwise the sm90 backward's persistent blocks claim key blocks from
-  // this counter (one int, zeroed by the launcher; the dq_turns workspace).
+  // this counter (one int, zeroed by the preprocess pass; the dq_turns
+  // workspace).
   int* key_block_counter;
   float softmax_scale;
   bool causal;

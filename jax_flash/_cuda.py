@@ -230,11 +230,9 @@ def _variant_operands(variant: Variant, extras, batch: int, heads: int):
     scale = 1 / (1 - variant.dropout_rate)
   sparse, block = [none_i32] * 4, (0, 0)
   if variant.block_size:
-    # The mask's lists ([b', h', ...], from its BlockIndex) with the batch dim
-    # made whole, as the kernels fold every leading dim (vmap's too) into the
-    # batch.
-    sparse = [jnp.broadcast_to(x, (batch, *x.shape[1:]))
-              for x in (extras[name] for name in BLOCK_INDEX_NAMES)]
+    # The mask's lists ([b', h', ...], from its BlockIndex) as they are: b' is
+    # 1 or the batch, and the kernels map each batch row to its list row.
+    sparse = [extras[name] for name in BLOCK_INDEX_NAMES]
     block = variant.block_size
   attrs = dict(window_left=np.int32(variant.window[0]),
                window_right=np.int32(variant.window[1]),

@@ -452,6 +452,29 @@ class CudaBlockSparseTest(parameterized.TestCase):
     for g in grads:
       self.assertTrue(np.isfinite(np.asarray(g, np.float32)).all())
 
+  def test_vmapped_masks_each_shared_by_their_examples_batch(self):
+    # Under vmap each example brings its own mask, which its batch of 2 rows
+    # shares: the kernels see 3 list rows for 6 batch rows, each list row
+    # serving a run of 2.
+    examples = 3
+    stacked = [_inputs(f"{self.id()}/{i}", batch=2, seq_q=385, seq_k=640, num_heads=4,
+                       num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16)
+               for i in range(examples)]
+    q, k, v, dout, dlse = (jnp.stack(xs) for xs in zip(*stacked))
+    masks = jax_flash.BlockSparseMask.random(jax.random.key(5), 0.4, 385, 640,
+                                             shape=(examples,))
+
+    def step(q, k, v, dout, dlse, blocks):
+      m = jax_flash.BlockSparseMask(blocks, masks.block_size)
+      fn = functools.partial(cuda_attention, block_mask=m, return_lse=True)
+      return _value_and_grads(fn, q, k, v, dout, dlse)
+
+    batched = jax.jit(jax.vmap(step))(q, k, v, dout, dlse, masks.blocks)
+    for i in range(examples):
+      looped = jax.jit(step)(q[i], k[i], v[i], dout[i], dlse[i], masks.blocks[i])
+      for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), batched, looped):
+        _assert_same_up_to_rounding(self, f"{name}[{i}]", got[i], want)
+
   def test_deterministic_block_sparse_backward_is_bitwise_repeatable(self):
     q, k, v, dout, dlse = self._inputs(seq_q=1100, seq_k=1100)
     m = jax_flash.BlockSparseMask.butterfly(1100, 1100) | jax_flash.BlockSparseMask.local(

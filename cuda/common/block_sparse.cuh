@@ -74,7 +74,7 @@ struct BlockList {
 
 struct BlockSparse {
   BlockSparseParams b;
-  int batch;
+  int batch;  // the lists' row
   int num_q_blocks;
   int num_k_blocks;
 
@@ -82,7 +82,7 @@ struct BlockSparse {
   __device__ static BlockSparse of(const Params& p, int batch) {
     const BlockSparseParams& b = p.block_sparse;
     if (b.q_lists == nullptr) return {b, batch, 0, 0};
-    return {b, batch, (p.shape.seq_q + b.block_q - 1) / b.block_q,
+    return {b, batch / b.batch_run, (p.shape.seq_q + b.block_q - 1) / b.block_q,
             (p.shape.seq_k + b.block_k - 1) / b.block_k};
   }
 

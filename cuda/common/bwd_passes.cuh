@@ -1,7 +1,7 @@
 // The two short passes around every backward kernel: before it, delta =
 // rowsum(dO * O) - dlse (the lse cotangent enters here, since d lse / d s = p),
-// a zeroed fp32 dQ accumulator, zeroed dQ turn counters and zeroed ALiBi slope
-// gradients; after it, dq = scale * dq_accum in the input dtype.
+// a zeroed fp32 dQ accumulator, zeroed dQ turn counters, key-block counter and
+// ALiBi slope gradients; after it, dq = scale * dq_accum in the input dtype.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -46,6 +46,13 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const BwdPara
   if (valid && chunk == 0) {
     const int64_t r = (int64_t(batch) * sh.heads + head) * sh.seq_q + row;
     p.delta[r] = dot - p.dlse[r];
+    // The backward kernel's counters, zeroed here rather than by memsets of
+    // their own: each launch in the stream costs more than these stores.
+    const int64_t bh = int64_t(batch) * sh.heads + head;
+    if (p.dq_turns != nullptr && row % kDQTurnRows == 0)
+      p.dq_turns[bh * ((sh.seq_q + kDQTurnRows - 1) / kDQTurnRows) + row / kDQTurnRows] = 0;
+    if (p.dalibi_slopes != nullptr && row == 0) p.dalibi_slopes[bh] = 0.f;
+    if (p.key_block_counter != nullptr && row == 0 && bh == 0) *p.key_block_counter = 0;
   }
 }
 
@@ -70,12 +77,6 @@ template <typename T, int kD>
 void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
   constexpr int kRows = 256 / (kD / 8);
   const AttentionShape& sh = p.shape;
-  if (p.dq_turns != nullptr) {
-    const int64_t blocks = (int64_t(sh.seq_q) + kDQTurnRows - 1) / kDQTurnRows;
-    cudaMemsetAsync(p.dq_turns, 0, int64_t(sh.batch) * sh.heads * blocks * sizeof(int), stream);
-  }
-  if (p.dalibi_slopes != nullptr)
-    cudaMemsetAsync(p.dalibi_slopes, 0, int64_t(sh.batch) * sh.heads * sizeof(float), stream);
   flash_bwd_preprocess_kernel<T, kD>
       <<<dim3((sh.seq_q + kRows - 1) / kRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
 }

@@ -145,11 +145,14 @@ struct Variants {
 // Checks the variants' arrays against the shape (every leading dim of theirs
 // folds into the batch, as for q) and points the kernel parameters at them.
 // The lists of a block-sparse mask: [..., heads', rows, cols] with the
-// leading dims folding into the batch and heads' 1 or the query heads; counts
-// [..., heads', rows].
+// leading dims folding into batch' rows and heads' 1 or the query heads;
+// counts [..., heads', rows]. Each list row serves a run of batch / batch'
+// consecutive batch rows: a mask shared by the batch comes with batch' 1, and
+// under vmap (whose dims lead and fold into both) with one row per vmapped
+// entry.
 ffi::Error check_block_lists(const AttentionShape& sh, const ffi::Buffer<ffi::S32>& lists,
                              const ffi::Buffer<ffi::S32>& counts, int64_t rows, int64_t cols,
-                             int64_t* heads) {
+                             int64_t* heads, int64_t* batch_run) {
   auto d = lists.dimensions();
   auto c = counts.dimensions();
   const std::string got = dims_str(d) + " and " + dims_str(c);
@@ -159,12 +162,15 @@ ffi::Error check_block_lists(const AttentionShape& sh, const ffi::Buffer<ffi::S3
   int64_t lead = 1;
   for (size_t i = 0; i + 3 < d.size(); ++i) lead *= d[i];
   const int64_t h = d[d.size() - 3];
-  if (lead != sh.batch || (h != 1 && h != sh.heads) || d[d.size() - 2] != rows ||
-      d[d.size() - 1] != cols || counts.element_count() != lead * h * rows)
-    return invalid("block mask lists must be [batch, 1 or heads, " + std::to_string(rows) +
-                   ", " + std::to_string(cols) + "] with counts [batch, 1 or heads, " +
-                   std::to_string(rows) + "], got " + got);
+  if (lead < 1 || sh.batch % lead != 0 || (h != 1 && h != sh.heads) ||
+      d[d.size() - 2] != rows || d[d.size() - 1] != cols ||
+      counts.element_count() != lead * h * rows)
+    return invalid("block mask lists must be [batch', 1 or heads, " + std::to_string(rows) +
+                   ", " + std::to_string(cols) + "] with counts [batch', 1 or heads, " +
+                   std::to_string(rows) + "] and batch' dividing the batch " +
+                   std::to_string(sh.batch) + ", got " + got);
   *heads = h;
+  *batch_run = sh.batch / lead;
   return ffi::Error::Success();
 }
 
@@ -214,17 +220,20 @@ ffi::Error decode_variants(const AttentionShape& sh, const VariantBuffers& b,
                      " x " + std::to_string(block_k));
     const int64_t nq = (int64_t(sh.seq_q) + block_q - 1) / block_q;
     const int64_t nk = (int64_t(sh.seq_k) + block_k - 1) / block_k;
-    int64_t q_heads = 0, k_heads = 0;
-    if (auto err = check_block_lists(sh, b.block_q_lists, b.block_q_counts, nq, nk, &q_heads);
+    int64_t q_heads = 0, k_heads = 0, q_run = 0, k_run = 0;
+    if (auto err = check_block_lists(sh, b.block_q_lists, b.block_q_counts, nq, nk, &q_heads,
+                                     &q_run);
         err.failure())
       return err;
-    if (auto err = check_block_lists(sh, b.block_k_lists, b.block_k_counts, nk, nq, &k_heads);
+    if (auto err = check_block_lists(sh, b.block_k_lists, b.block_k_counts, nk, nq, &k_heads,
+                                     &k_run);
         err.failure())
       return err;
-    if (q_heads != k_heads) return invalid("the block mask's two lists differ in heads");
+    if (q_heads != k_heads || q_run != k_run)
+      return invalid("the block mask's two lists differ in batch or heads");
     v->block_sparse = {b.block_q_lists.typed_data(), b.block_q_counts.typed_data(),
                        b.block_k_lists.typed_data(), b.block_k_counts.typed_data(),
-                       block_q, block_k, int(q_heads)};
+                       block_q, block_k, int(q_heads), int(q_run)};
   }
   return ffi::Error::Success();
 }

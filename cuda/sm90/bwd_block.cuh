@@ -378,8 +378,6 @@ cudaError_t launch_bwd_build(void (*kernel)(BwdArgs), const BwdParams& p, cudaSt
     if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
       return err;
     grid = dim3(std::min(K::order(p).count(), sms));
-    if ((err = cudaMemsetAsync(p.key_block_counter, 0, sizeof(int), stream)) != cudaSuccess)
-      return err;
   }
   launch_bwd_preprocess<T, kD>(p, stream);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
