@@ -63,7 +63,7 @@ struct FwdKernel {
   static constexpr int kQBytes = kBlockM * kD * 2;
   static constexpr int kKVBytes = kBlockN * kD * 2;
   // Tiles are handed out at run time; the producer announces each through
-  // kTileSlots slots of {id, tile, head, batch}.
+  // kTileSlots slots of {tile, head, batch, key tiles (block-sparse builds)}.
   static constexpr int kTileSlots = 2;
   // The next tile is claimed once the loads of all but the last kClaimLead key
   // tiles of this one are issued: late enough that blocks which drew short
@@ -78,7 +78,9 @@ struct FwdKernel {
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
   static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots + 1;
-  static constexpr int kTileSlotOffset = kBarOffset + 8 * kBarriers;
+  // Block-sparse builds read and write a slot as one 16-byte vector.
+  static constexpr int kTileSlotOffset =
+      kSparse ? (kBarOffset + 8 * kBarriers + 15) / 16 * 16 : kBarOffset + 8 * kBarriers;
   static constexpr int kStageKeyOffset = kTileSlotOffset + 16 * kTileSlots;
   static constexpr int kSmemBytes = kStageKeyOffset + 4 * kStages + 1024;  // + alignment
   // Registers per thread after reallocation: 24 for the producer, the rest split
@@ -196,15 +198,23 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   }
   __syncthreads();
 
-  // The k-th tile of this block, from its slot (batch -1: no more tiles).
-  auto read_tile = [&](int k) {
+  // The k-th tile of this block, from its slot (batch -1: no more tiles), and
+  // under a block-sparse mask how many key tiles it visits (the other builds
+  // leave the slot's last word alone).
+  auto read_tile = [&](int k, int& sparse_key_tiles) {
     mbar_wait(full_tile(k), slot_phase(k));
     BlockIndex bi;
-    asm volatile("ld.shared.v2.b32 {%0, %1}, [%3];\n"
-                 "ld.shared.b32 %2, [%3 + 8];\n"
-                 : "=r"(bi.tile), "=r"(bi.head), "=r"(bi.batch)
-                 : "r"(tile_slot(k))
-                 : "memory");
+    if constexpr (K::kSparse)
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(bi.tile), "=r"(bi.head), "=r"(bi.batch), "=r"(sparse_key_tiles)
+                   : "r"(tile_slot(k))
+                   : "memory");
+    else
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%3];\n"
+                   "ld.shared.b32 %2, [%3 + 8];\n"
+                   : "=r"(bi.tile), "=r"(bi.head), "=r"(bi.batch)
+                   : "r"(tile_slot(k))
+                   : "memory");
     return bi;
   };
 
@@ -213,22 +223,40 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   // with work (Q's phase).
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
-    if (warp == 1 && lane == 0) {
+    if (warp == 1 && (K::kSparse || lane == 0)) {
       // The scheduler: a block's first tile is its own index; each next one
       // is the next unclaimed one of the tile counter (so blocks that drew
       // short tiles take more), claimed once the TMA thread has issued the
       // previous tile's loads but kClaimLead, i.e. when the consumers are
-      // within kStages + kClaimLead key tiles of its end.
+      // within kStages + kClaimLead key tiles of its end. Under a block-sparse
+      // mask the whole warp then counts the tile's key tiles (loads from the
+      // mask's lists) and puts the count in the slot: the other roles would
+      // otherwise each wait for those loads when they start the tile.
       for (int k = 0;; ++k) {
         if (k > 0) mbar_wait(loads_issued, (k - 1) & 1);
-        const int id = k == 0 ? int(blockIdx.x) : atomicAdd(p.tile_counter, 1) + int(gridDim.x);
+        int id = int(blockIdx.x);
+        if (k > 0 && lane == 0) id = atomicAdd(p.tile_counter, 1) + int(gridDim.x);
+        if (K::kSparse) id = __shfl_sync(~0u, id, 0);
         const BlockIndex bi = id < order.count() ? order.at(id) : BlockIndex{0, 0, -1};
-        mbar_wait(empty_tile(k), slot_phase(k) ^ 1);
-        asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n"
-                     "st.shared.b32 [%0 + 8], %3;\n" ::"r"(tile_slot(k)),
-                     "r"(bi.tile), "r"(bi.head), "r"(bi.batch)
-                     : "memory");
-        mbar_arrive(full_tile(k));
+        int sparse_key_tiles = 0;
+        if (K::kSparse && bi.batch >= 0) {
+          const int m0 = tile_m0(bi.tile);
+          const KeyTiles tiles = key_tiles(bi, m0, key_blocks(m0, segments_of(bi.batch)));
+          sparse_key_tiles = __reduce_add_sync(~0u, tiles.count(lane, 32));
+        }
+        if (lane == 0) {
+          mbar_wait(empty_tile(k), slot_phase(k) ^ 1);
+          if constexpr (K::kSparse)
+            asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(tile_slot(k)),
+                         "r"(bi.tile), "r"(bi.head), "r"(bi.batch), "r"(sparse_key_tiles)
+                         : "memory");
+          else
+            asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n"
+                         "st.shared.b32 [%0 + 8], %3;\n" ::"r"(tile_slot(k)),
+                         "r"(bi.tile), "r"(bi.head), "r"(bi.batch)
+                         : "memory");
+          mbar_arrive(full_tile(k));
+        }
         if (bi.batch < 0) break;
       }
     } else if (warp == 0 && lane == 0) {
@@ -237,13 +265,25 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       tma_prefetch_descriptor(&args.v);
       int it = 0, tiles_done = 0;
       for (int k = 0;; ++k) {
-        const BlockIndex bi = read_tile(k);
+        int sparse_key_tiles = 0;
+        const BlockIndex bi = read_tile(k, sparse_key_tiles);
         mbar_arrive(empty_tile(k));
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
+        auto load_q = [&] {
+          mbar_wait(empty_q, (tiles_done & 1) ^ 1);
+          mbar_arrive_expect_tx(full_q, K::kQBytes);
+          tma_load_tile<K::kPanels, kBlockM>(sQ, &args.q, full_q, bi.head, m0, bi.batch);
+        };
+        // A block-sparse tile's Q first, as soon as its slot is read: the
+        // walk of the mask's list that finds its key tiles, which Q does not
+        // need, would otherwise keep Q from the consumers (its short tiles
+        // gave them ~1 us to wait for Q in each). The previous tile's last
+        // QK^T has then nearly finished with Q.
+        if (K::kSparse && sparse_key_tiles > 0) load_q();
         const int2 keys = key_blocks(m0, segments_of(bi.batch));
         KeyTiles tiles = key_tiles(bi, m0, keys);
-        const int n_blocks = K::kSparse ? tiles.count(0, 1) : keys.y - keys.x;
+        const int n_blocks = K::kSparse ? sparse_key_tiles : keys.y - keys.x;
         const int claim_after = max(n_blocks - 1 - K::kClaimLead, 0);
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
@@ -253,11 +293,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           if (K::kSparse) st_shared_u32(stage_key(s), n0);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sK(s), &args.k, full_k(s), kv_head, n0, bi.batch);
-          if (i == 0) {  // Q after the first K: the previous tile's last products may still read Q
-            mbar_wait(empty_q, (tiles_done & 1) ^ 1);
-            mbar_arrive_expect_tx(full_q, K::kQBytes);
-            tma_load_tile<K::kPanels, kBlockM>(sQ, &args.q, full_q, bi.head, m0, bi.batch);
-          }
+          // Otherwise Q after the first K: the previous tile's last products
+          // may still read Q.
+          if (!K::kSparse && i == 0) load_q();
           mbar_wait(empty_v(s), phase ^ 1);
           mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sV(s), &args.v, full_v(s), kv_head, n0, bi.batch);
@@ -318,16 +356,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   int it = 0, tiles_done = 0;
   bool took_turns = false;
   for (int k = 0;; ++k) {
-    const BlockIndex bi = read_tile(k);
+    int sparse_key_tiles = 0;
+    const BlockIndex bi = read_tile(k, sparse_key_tiles);
     release(empty_tile(k));
     if (bi.batch < 0) break;
     const int m0 = tile_m0(bi.tile);
     const SegmentMask segments = segments_of(bi.batch);
     const Alibi alibi = kMasks ? Alibi::of(p, bi.batch, bi.head, softmax_scale) : Alibi{};
     const int2 keys = key_blocks(m0, segments);
-    const KeyTiles tiles = key_tiles(bi, m0, keys);
-    const int n_blocks =
-        K::kSparse ? __reduce_add_sync(~0u, tiles.count(lane, 32)) : keys.y - keys.x;
+    const int n_blocks = K::kSparse ? sparse_key_tiles : keys.y - keys.x;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
     auto visible = [&](int q_row, int k_col) {
       return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
