@@ -440,6 +440,26 @@ class CudaBlockSparseTest(parameterized.TestCase):
     util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=causal,
                                   mask=m.dense(seq_q, seq_k), **more)
 
+  @parameterized.named_parameters(
+      ("_d64_few_steps", 64, 0.08),
+      ("_d64_many_steps", 64, 0.5),
+      ("_d128", 128, 0.3),
+  )
+  def test_more_key_blocks_than_sms(self, head_dim, density):
+    # 256 key blocks: the persistent backward's blocks take two or more each,
+    # key blocks of few steps (KVSlots' short cases at head_dim 64) among them.
+    seq = 4096
+    q, k, v, dout, dlse = _inputs(self.id(), batch=1, seq_q=seq, seq_k=seq, num_heads=8,
+                                  num_kv_heads=8, head_dim=head_dim, dtype=jnp.bfloat16)
+    m = jax_flash.BlockSparseMask.random(jax.random.key(3), density, seq, seq, shape=(8,))
+
+    def attention(q, k, v, mask=None, **kwargs):
+      del mask  # the reference's element mask; the kernels take the blocks
+      return cuda_attention(q, k, v, block_mask=m, **kwargs)
+
+    util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=False,
+                                  mask=m.dense(seq, seq))
+
   def test_rows_whose_blocks_are_all_off_give_zero_and_finite_grads(self):
     q, k, v, dout, _ = self._inputs(seq_q=512, seq_k=512)
     m = jax_flash.BlockSparseMask(jnp.ones((4, 4), bool).at[2].set(False), (128, 128))

@@ -94,14 +94,31 @@ inline constexpr bool kPersistentBwd = K::kPersistent && kSparse && !kDeterminis
 // K and V, then K::kStages stages of (Q, dO, lse * log2(e) and delta), from the
 // first 1024-byte boundary of the dynamic shared memory; the barriers at
 // K::kBarOffset: K/V loaded, each stage's full and empty, the kernel's
-// K::kDQBarriers for handing over dQ tiles, then K/V free again (every
-// consumer warp done with a key block's K and V): 8 (2 + 2 kStages +
-// kDQBarriers) bytes; then each stage's visit, 8 kStages bytes; then the key
-// blocks' hand-over, 48 bytes. bwd_smem_tail_bytes() counts all from the
-// barriers on.
+// K::kDQBarriers for handing over dQ tiles, then two for K/V free again (every
+// consumer warp done with a key block's K and V) and a second K/V loaded (the
+// second of each pair for KVSlots): 8 (4 + 2 kStages + kDQBarriers) bytes; then
+// each stage's visit, 8 kStages bytes; then the key blocks' hand-over, 48
+// bytes. bwd_smem_tail_bytes() counts all from the barriers on.
 constexpr int bwd_smem_tail_bytes(int stages, int dq_barriers) {
-  return 8 * (2 + 3 * stages + dq_barriers) + 48;
+  return 8 * (4 + 3 * stages + dq_barriers) + 48;
 }
+
+// With K::kKVSlots (persistent blocks only), a key block's K and V together
+// fill one of four shared-memory slots and its steps' dS^T buffers take the
+// other three in turn, so that the next key block's K/V can load into a slot
+// the current one is done with while its last products still read its own.
+// Slot kv holds K/V; local step j (counted from the key block's first) writes
+// its dS^T to ds(j). After a key block of n steps, the next one's K/V go to
+// ds(n): the slot of step n - 3, which the dQ product of step n - 3 (issued in
+// step n - 2) read last, or, for n < 3, one the key block did not use.
+struct KVSlots {
+  int kv = 0;
+  __device__ __forceinline__ int ds(int local_step) const {
+    const int i = local_step % 3;
+    return i + (i >= kv ? 1 : 0);
+  }
+  __device__ __forceinline__ void next(int steps) { kv = ds(steps); }
+};
 
 template <typename K>
 struct BwdSmem {
@@ -120,7 +137,10 @@ struct BwdSmem {
   __device__ __forceinline__ float* stats(int s) const {
     return reinterpret_cast<float*>(raw + (dout(s) + K::kQBytes - smem_u32(raw)));
   }
-  __device__ __forceinline__ uint32_t full_kv() const { return base + K::kBarOffset; }
+  // K/V load n lands at full_kv(n % 2) under KVSlots, else full_kv(0).
+  __device__ __forceinline__ uint32_t full_kv(int i = 0) const {
+    return i == 0 ? base + K::kBarOffset : empty_kv(2);
+  }
   __device__ __forceinline__ uint32_t full(int s) const { return full_kv() + 8 * (1 + s); }
   __device__ __forceinline__ uint32_t empty(int s) const {
     return full_kv() + 8 * (1 + K::kStages + s);
@@ -128,13 +148,14 @@ struct BwdSmem {
   __device__ __forceinline__ uint32_t dq_barrier(int i) const {
     return full_kv() + 8 * (1 + 2 * K::kStages + i);
   }
-  __device__ __forceinline__ uint32_t empty_kv() const {
-    return full_kv() + 8 * (1 + 2 * K::kStages + K::kDQBarriers);
+  // K/V load n is free again at empty_kv(n % 2) under KVSlots, else empty_kv(0).
+  __device__ __forceinline__ uint32_t empty_kv(int i = 0) const {
+    return full_kv() + 8 * (1 + 2 * K::kStages + K::kDQBarriers + i);
   }
   // The query block of a stage's step and whether it is its key block's last
   // ({m0, last}), so that consumers need not keep the walk in registers.
   __device__ __forceinline__ int2* visit(int s) const {
-    return reinterpret_cast<int2*>(raw + (empty_kv() + 8 + 8 * s - smem_u32(raw)));
+    return reinterpret_cast<int2*>(raw + (empty_kv(3) + 8 * s - smem_u32(raw)));
   }
   // The key blocks' hand-over (BwdKeyBlocks): two slots, each with a barrier
   // for written (by the claimer) and one for read (by every other thread
@@ -142,7 +163,7 @@ struct BwdSmem {
   // warpgroups).
   static constexpr int kKeyBlockReaders = 32 + 1 + (K::kThreads - 128);
   __device__ __forceinline__ uint32_t key_full(int i) const {
-    return empty_kv() + 8 * (1 + K::kStages + i);
+    return empty_kv(3) + 8 * (K::kStages + i);
   }
   __device__ __forceinline__ uint32_t key_empty(int i) const { return key_full(2 + i); }
   __device__ __forceinline__ int* key_slot(int i) const {
@@ -151,13 +172,13 @@ struct BwdSmem {
 
   // By one thread, before a __syncthreads.
   __device__ __forceinline__ void init_barriers() const {
-    mbar_init(full_kv(), 1);
+    for (int i = 0; i < 2; ++i) mbar_init(full_kv(i), 1);
     for (int s = 0; s < K::kStages; ++s) {
       mbar_init(full(s), 1 + 32);  // the TMA thread and the lse/delta warp
       mbar_init(empty(s), K::kStageReleases);
     }
     K::init_dq_barriers(*this);
-    mbar_init(empty_kv(), 8);  // one arrival per consumer warp
+    for (int i = 0; i < 2; ++i) mbar_init(empty_kv(i), 8);  // one arrival per consumer warp
     for (int i = 0; i < 2; ++i) {
       mbar_init(key_full(i), 1);
       mbar_init(key_empty(i), kKeyBlockReaders);
@@ -234,13 +255,17 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
   constexpr int kStages = K::kStages, kBlockM = K::kBlockM, kBlockN = K::kBlockN;
   int step = 0;
   if (warp == 0 && lane == 0) {
+    constexpr bool kSlots = kPersistent && K::kKVSlots;
     int kv_loads = 0;
+    KVSlots slots;
     // Claims the next key block once this one's last loads are issued.
     for (BwdKeyBlocks<K, kPersistent, /*kClaims=*/true> blocks(p, sm); blocks.more();
          blocks.next()) {
       const BwdWalk walk = blocks.template walk<kSparse>();
       bool first = true;
-      for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
+      int steps = 0;
+      for (BwdWalk::Visit visit = walk.first(); !visit.done();
+           visit = walk.next(visit), ++step, ++steps) {
         const int s = step % kStages, head = walk.head(visit), m0 = walk.m0(visit);
         mbar_wait(sm.empty(s), ((step / kStages) & 1) ^ 1);
         mbar_arrive_expect_tx(sm.full(s), 2 * K::kQBytes);
@@ -253,18 +278,32 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
         }
         if (first) {  // K and V after the first Q and dO, which need not wait for them
           first = false;
-          mbar_wait(sm.empty_kv(), (kv_loads & 1) ^ 1);
+          // KVSlots: the slot's last reader was the dQ product of step `step`
+          // - 3, done once step - 2 released its stage (waited for above), or
+          // a key block two loads back; the barriers alternate by load, so
+          // that this load cannot complete a phase the consumers have yet to
+          // wait for.
+          uint32_t k_dst = sm.k(), full = sm.full_kv();
+          if constexpr (kSlots) {
+            mbar_wait(sm.empty_kv(kv_loads & 1), ((kv_loads >> 1) & 1) ^ 1);
+            k_dst = K::slot(sm.base, slots.kv);
+            full = sm.full_kv(kv_loads & 1);
+          } else {
+            mbar_wait(sm.empty_kv(), (kv_loads & 1) ^ 1);
+          }
           ++kv_loads;
-          mbar_arrive_expect_tx(sm.full_kv(), 2 * K::kKVBytes);
+          const uint32_t v_dst = k_dst + (sm.v() - sm.k());
+          mbar_arrive_expect_tx(full, 2 * K::kKVBytes);
 #pragma unroll
           for (int c = 0; c < K::kPanels; ++c) {
-            tma_load_4d(sm.k() + c * kBlockN * 128, &args.k, sm.full_kv(), c * 64, walk.kv_head,
-                        walk.n0, walk.batch);
-            tma_load_4d(sm.v() + c * kBlockN * 128, &args.v, sm.full_kv(), c * 64, walk.kv_head,
-                        walk.n0, walk.batch);
+            tma_load_4d(k_dst + c * kBlockN * 128, &args.k, full, c * 64, walk.kv_head, walk.n0,
+                        walk.batch);
+            tma_load_4d(v_dst + c * kBlockN * 128, &args.v, full, c * 64, walk.kv_head, walk.n0,
+                        walk.batch);
           }
         }
       }
+      if (kSlots && steps > 0) slots.next(steps);
     }
   } else if (warp == 1) {
     for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) {

@@ -56,6 +56,15 @@ struct BwdKernel {
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
   static constexpr int kUsedBytes = kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers);
+  // Persistent blocks rotate K/V and the dS^T buffers through four slots
+  // (KVSlots) where K and V together are the size of a dS^T buffer (head_dim
+  // 64): slot 0 is K/V's place, slots 1-3 the dS^T buffers'.
+  static constexpr bool kKVSlots = 2 * kKVBytes == kDSBytes;
+  static_assert(!kKVSlots || (kStages == 2 && kDSBuffers == 3 && kVOffset == kKVBytes),
+                "KVSlots: a slot's last dQ product is done two steps on");
+  static __device__ __forceinline__ uint32_t slot(uint32_t base, int i) {
+    return i == 0 ? base : base + kDSOffset + (i - 1) * kDSBytes;
+  }
   // Up to 1024 bytes more to align the base (BwdSmem), as far as the limit
   // allows; the kernel checks that its base fits (in practice the dynamic shared
   // memory starts 1024-aligned).
@@ -142,13 +151,24 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
 
   // Descriptors at k step 0 (later steps add their byte offset / 16).
   //   K-major, rows = this warpgroup's keys: K and V for S^T and dP^T.
-  const uint64_t k_rows_desc = sw128_desc(sK + consumer * 64 * 128, 16);
-  const uint64_t v_rows_desc = sw128_desc(sV + consumer * 64 * 128, 16);
   //   N-major, rows = all 128 keys, columns = this warpgroup's dQ columns: K for dQ.
+  // Under KVSlots they move with each key block's K/V slot.
+  constexpr bool kSlots = kPersistentBwd<K, kDeterministic, kSparse> && K::kKVSlots;
   const uint32_t dq_col_offset = K::kDQCols >= 64
                                      ? consumer * (K::kDQCols / 64) * kBlockN * 128
                                      : consumer * K::kDQCols * 2;
-  const uint64_t k_cols_desc = sw128_desc(sK + dq_col_offset, kBlockN * 128);
+  uint64_t k_rows_desc, v_rows_desc, k_cols_desc;
+  auto point_at_kv = [&](uint32_t k_smem) {
+    k_rows_desc = sw128_desc(k_smem + consumer * 64 * 128, 16);
+    v_rows_desc = sw128_desc(k_smem + (sV - sK) + consumer * 64 * 128, 16);
+    k_cols_desc = sw128_desc(k_smem + dq_col_offset, kBlockN * 128);
+  };
+  point_at_kv(sK);
+  KVSlots slots;
+  // The dS^T buffer of global step g, local step j of its key block.
+  auto ds_buffer = [&](int g, int j) {
+    return kSlots ? K::slot(smem, slots.ds(j)) : sdS((g + K::kDSBuffers) % K::kDSBuffers);
+  };
 
   // Named barriers between the consumer warpgroups: 1 + 3 w + step % 3 says
   // that warpgroup w's dS^T rows of a step are in shared memory (w arrives, the
@@ -156,6 +176,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // other has waited, since its turns at the tensor cores keep it at most a
   // step ahead). 9 and 10 hold the turns.
   auto ds_ready = [](int wg, int step) { return 1 + 3 * wg + step % 3; };
+  constexpr int kKVSlotsBarrier = 7;  // both warpgroups at a key block's start (KVSlots)
 
   // dQ[:, this warpgroup's columns] of step g (counted over every key block
   // of this block of threads) = dS K over all 128 keys, once the other
@@ -165,13 +186,12 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // ptxas serialize every wgmma.
   typename K::AccQ dq[K::kQTiles];
   auto dq_regs = [&](int mq) -> auto& { return flat<K::AccQ::kNT * 4>(dq[mq]); };
-  auto issue_dq = [&](int g, bool real) {
+  auto issue_dq = [&](int g, uint32_t ds_buf, bool real) {
     if (real) named_barrier_sync(ds_ready(1 - consumer, g), 256);
-    const int buffer = (g + K::kDSBuffers) % K::kDSBuffers;
     wgmma_fence();
 #pragma unroll
     for (int mq = 0; mq < K::kQTiles; ++mq) {
-      const uint64_t ds_desc = sw128_desc(sdS(buffer) + mq * kBlockN * 128, kBlockN * 128);
+      const uint64_t ds_desc = sw128_desc(ds_buf + mq * kBlockN * 128, kBlockN * 128);
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk)
         Wgmma<T, K::kDQCols>::template ss<1, 1>(dq_regs(mq), ds_desc + ((kk * 2048) >> 4),
@@ -252,10 +272,21 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     dv.zero();
     if (!last) {
       if (kv_loads == 0) turns.begin();
-      mbar_wait(sm.full_kv(), kv_loads & 1);
+      if constexpr (kSlots)
+        mbar_wait(sm.full_kv(kv_loads & 1), (kv_loads >> 1) & 1);
+      else
+        mbar_wait(sm.full_kv(), kv_loads & 1);
       ++kv_loads;
+      if constexpr (kSlots) {
+        point_at_kv(K::slot(smem, slots.kv));
+        // The previous key block's last dQ products (the other warpgroup's
+        // too) read slots this one's first steps write: K/V landing no
+        // longer waits for them.
+        named_barrier_sync(kKVSlotsBarrier, 256);
+      }
     }
     bool later = false;  // past this key block's first step
+    int local = 0;       // this key block's steps so far
     while (!last) {
       const int s = gstep % kStages;
       mbar_wait(sm.full(s), (gstep / kStages) & 1);
@@ -337,7 +368,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       // read by dQ(gstep - 3), which both warpgroups waited for in gstep - 2:
       // this one itself, the other before passing its turn of gstep - 1 (and
       // by the discarded product of a key block's first step, at gstep - 2).
-      const uint32_t ds_buf = sdS(gstep % K::kDSBuffers);
+      const uint32_t ds_buf = ds_buffer(gstep, local);
 #pragma unroll
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
@@ -352,7 +383,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       named_barrier_arrive(ds_ready(consumer, gstep), 256);
 
       issue_dkdv(s);
-      issue_dq(gstep - 1, later);
+      // (At a key block's first step, a product of this step's buffer.)
+      issue_dq(gstep - 1, later ? ds_buffer(gstep - 1, local - 1) : ds_buf, later);
       wgmma_wait<0>();
       pin_registers(dv_regs);
       pin_registers(dk_regs);
@@ -361,15 +393,17 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       if (later) stage_dq(gstep - 1);
       later = true;
       ++gstep;
+      ++local;
     }
     if (later) {
-      issue_dq(gstep - 1, true);
+      issue_dq(gstep - 1, ds_buffer(gstep - 1, local - 1), true);
       wgmma_wait<0>();
       pin_dq();
       // Every product that reads K and V is done: the next key block's may load.
       __syncwarp();
-      if (lane == 0) mbar_arrive(sm.empty_kv());
+      if (lane == 0) mbar_arrive(sm.empty_kv(kSlots ? (kv_loads - 1) & 1 : 0));
       stage_dq(gstep - 1);
+      if constexpr (kSlots) slots.next(local);
     }
 
     // Epilogue: dK picks up the softmax scale here; dV needs none.

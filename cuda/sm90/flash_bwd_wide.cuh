@@ -57,6 +57,7 @@ struct BwdWideKernel {
       kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers) + 1024;  // BwdSmem
   // One block per key block (BwdKeyBlocks).
   static constexpr bool kPersistent = false;
+  static constexpr bool kKVSlots = false;  // KVSlots
   static constexpr int kStageReleases = 2;  // the dQ adder, once per warpgroup's dQ^T
 
   // The dQ adder's view (bwd_add_dq): warpgroup w's dQ^T panel c is staged in
