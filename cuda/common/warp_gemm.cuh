@@ -3,6 +3,7 @@
 //   row = mt * 16 + lane / 4 + (i / 2) * 8,   col = nt * 8 + 2 * (lane % 4) + i % 2.
 #pragma once
 
+#include "instructions.cuh"
 #include "smem_tile.cuh"
 
 namespace jax_flash {
@@ -28,6 +29,43 @@ struct Accum {
     return nt * 8 + 2 * (lane & 3) + (i & 1);
   }
 };
+
+// Writes rows Acc::row(mt, 2 h, lane) of an accumulator as T:
+// `dst` is this lane's row at column 0 (16-byte aligned) and `store` whether
+// the lane writes it. Each quad of lanes transposes its 4 x 4 column pairs of
+// every 4 mma tiles, so that a lane holds 8 adjacent columns and writes them
+// with one 16-byte store: a quarter of the store instructions of one per pair,
+// each filling whole 32-byte sectors. Every lane of the warp must call it.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_accum_rows(T* dst, const Acc& acc, int mt, int h,
+                                                 bool store, int lane) {
+  static_assert(Acc::kNT % 4 == 0, "16-byte stores take 4 mma tiles' columns");
+#pragma unroll
+  for (int g = 0; g < Acc::kNT / 4; ++g) {
+    uint32_t pairs[4];  // pairs[j]: columns (4 g + j) * 8 + 2 (lane % 4), +1
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      pairs[j] = pack2<T>(acc.x[mt][4 * g + j][2 * h], acc.x[mt][4 * g + j][2 * h + 1]);
+    // Swap across lane bit b and index bit b, b = 0 then 1: afterwards
+    // pairs[j] holds columns g * 32 + (lane % 4) * 8 + 2 j, +1.
+#pragma unroll
+    for (int bit = 1; bit <= 2; bit *= 2) {
+      const bool upper = lane & bit;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j & bit) continue;
+        const uint32_t got = __shfl_xor_sync(0xffffffff, upper ? pairs[j] : pairs[j | bit], bit);
+        if (upper)
+          pairs[j] = got;
+        else
+          pairs[j | bit] = got;
+      }
+    }
+    if (store)
+      *reinterpret_cast<uint4*>(dst + g * 32 + (lane & 3) * 8) =
+          make_uint4(pairs[0], pairs[1], pairs[2], pairs[3]);
+  }
+}
 
 // One bit per element of an accumulator tile, all set at first: a per-element
 // condition computed in a loop of its own and read back without branches.

@@ -432,8 +432,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     float lse[1][2];
     softmax.finalize(o, softmax_scale, lse);
 
-    // Epilogue: each thread writes its pairs of columns straight to global
-    // memory, so the next tile's products start right away.
+    // Epilogue: the warps write their rows straight to global memory
+    // (store_accum_rows), so the next tile's products start right away.
     const int64_t row_stride = int64_t(sh.heads) * kD;
     T* out = static_cast<T*>(p.out) + (int64_t(bi.batch) * sh.seq_q + m0) * row_stride +
              bi.head * kD;
@@ -441,13 +441,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
-      if (m0 + row < 0 || (K::kSparse && m0 + row >= sh.seq_q)) continue;
-      T* dst = out + row * row_stride;
-#pragma unroll
-      for (int nt = 0; nt < K::AccO::kNT; ++nt)
-        *reinterpret_cast<uint32_t*>(dst + K::AccO::col(nt, 0, lane)) =
-            pack2<T>(o.x[0][nt][2 * h], o.x[0][nt][2 * h + 1]);
-      if ((lane & 3) == 0) lse_out[row] = lse[0][h];
+      const bool store = m0 + row >= 0 && (!K::kSparse || m0 + row < sh.seq_q);
+      store_accum_rows(out + row * row_stride, o, 0, h, store, lane);
+      if (store && (lane & 3) == 0) lse_out[row] = lse[0][h];
     }
   }
   if (took_turns) turns.finish();
