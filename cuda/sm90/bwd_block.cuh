@@ -166,8 +166,8 @@ struct BwdSmem {
     return empty_kv(3) + 8 * (K::kStages + i);
   }
   __device__ __forceinline__ uint32_t key_empty(int i) const { return key_full(2 + i); }
-  __device__ __forceinline__ int* key_slot(int i) const {
-    return reinterpret_cast<int*>(raw + (key_full(4 + i) - smem_u32(raw)));
+  __device__ __forceinline__ int2* key_slot(int i) const {
+    return reinterpret_cast<int2*>(raw + (key_full(4 + i) - smem_u32(raw)));
   }
 
   // By one thread, before a __syncthreads.
@@ -198,47 +198,62 @@ struct BwdSmem {
 // one key block its index names. Every role walks them alike, the claimer
 // with kClaims:
 //   for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) ...
+// Persistent blocks serve block-sparse masks only (kPersistentBwd).
 template <typename K, bool kPersistent, bool kClaims = false>
 struct BwdKeyBlocks {
   const BwdParams& p;
   const BwdSmem<K>& sm;
   int taken;  // key blocks taken before this one
-  int id;     // this one's place in K's order
+  int2 claim;  // this one's place in K's order, and whether its walk is empty
 
   __device__ __forceinline__ BwdKeyBlocks(const BwdParams& p_, const BwdSmem<K>& sm_)
-      : p(p_), sm(sm_), taken(0), id(kPersistent ? take(0) : 0) {}
+      : p(p_), sm(sm_), taken(0), claim(kPersistent ? take(0) : int2{0, 0}) {}
   __device__ __forceinline__ bool more() const {
-    return kPersistent ? id < K::order(p).count() : taken == 0;
+    return kPersistent ? claim.x < K::order(p).count() : taken == 0;
   }
   __device__ __forceinline__ void next() {
     ++taken;
-    if (kPersistent) id = take(taken);
+    if (kPersistent) claim = take(taken);
   }
   __device__ __forceinline__ BlockIndex block() const {
-    return kPersistent ? K::order(p).at(id) : K::order(p).block();
+    return kPersistent ? K::order(p).at(claim.x) : K::order(p).block();
   }
   template <bool kSparse>
   __device__ __forceinline__ BwdWalk walk() const {
     return BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
   }
+  // Whether this key block visits no query block. Persistent blocks have it
+  // from the claimer, so that the consumers need not read the mask's lists
+  // (dependent global loads) between one key block and the next.
+  template <bool kSparse>
+  __device__ __forceinline__ bool empty() const {
+    if constexpr (kPersistent)
+      return claim.y;
+    else
+      return walk<kSparse>().first().done();
+  }
 
  private:
   // The n-th key block's place in K's order (count or more once all are
-  // claimed). The claimer takes the next unclaimed one (the grid's blocks
-  // start at their index) and writes it to its slot; the others read it there.
-  __device__ __forceinline__ int take(int n) const {
+  // claimed) and whether its walk is empty. The claimer takes the next
+  // unclaimed one (the grid's blocks start at their index) and writes both to
+  // its slot; the others read them there.
+  __device__ __forceinline__ int2 take(int n) const {
     const int slot = n & 1;
     if constexpr (kClaims) {
       const int id = n == 0 ? int(blockIdx.x) : atomicAdd(p.key_block_counter, 1) + int(gridDim.x);
+      const bool empty =
+          id < K::order(p).count() &&
+          BwdWalk::of<true>(p, K::order(p).at(id), K::kBlockM, K::kBlockN).first().done();
       mbar_wait(sm.key_empty(slot), ((n >> 1) & 1) ^ 1);
-      *sm.key_slot(slot) = id;
+      *sm.key_slot(slot) = int2{id, empty};
       mbar_arrive(sm.key_full(slot));
-      return id;
+      return int2{id, empty};
     } else {
       mbar_wait(sm.key_full(slot), (n >> 1) & 1);
-      const int id = *sm.key_slot(slot);
+      const int2 claim = *sm.key_slot(slot);
       mbar_arrive(sm.key_empty(slot));
-      return id;
+      return claim;
     }
   }
 };

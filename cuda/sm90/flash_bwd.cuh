@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
        blocks.next()) {
     const int n0 = blocks.block().tile * kBlockN;
     // The steps' query blocks come with their stages (BwdSmem::visit).
-    bool last = blocks.template walk<kSparse>().first().done();
+    bool last = blocks.template empty<kSparse>();
     dk.zero();
     dv.zero();
     if (!last) {
