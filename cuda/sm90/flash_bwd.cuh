@@ -55,7 +55,15 @@ struct BwdKernel {
   static constexpr int kDQOffset = kDSOffset + kDSBuffers * kDSBytes;
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
-  static constexpr int kUsedBytes = kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers);
+  // The epilogue's transposes (store_grad_rows): 512 bytes per consumer warp,
+  // in a region of their own where it fits (head_dim 128), else in the warp's
+  // rows of V, which no product reads after a key block's last step (head_dim
+  // 64: the K/V release then follows the epilogue).
+  static constexpr int kTailEnd = kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers);
+  static constexpr int kEpilogueOffset = (kTailEnd + 127) / 128 * 128;
+  static constexpr int kEpilogueBytes = 8 * 512;
+  static constexpr bool kEpilogueOwnSmem = kEpilogueOffset + kEpilogueBytes + 1024 <= kMaxSmemBytes;
+  static constexpr int kUsedBytes = kEpilogueOwnSmem ? kEpilogueOffset + kEpilogueBytes : kTailEnd;
   // Persistent blocks rotate K/V and the dS^T buffers through four slots
   // (KVSlots) where K and V together are the size of a dS^T buffer (head_dim
   // 64): slot 0 is K/V's place, slots 1-3 the dS^T buffers'.
@@ -110,6 +118,43 @@ struct BwdKernel {
   }
 };
 
+// Writes rows Acc::row(0, 2 h, lane) of a dK or dV accumulator, times `scale`,
+// as T: `dst` is this lane's row at column 0 (16-byte aligned) and `store`
+// whether the lane writes it. Every 4 mma tiles' columns go through the warp's
+// 512 bytes at `scratch` (stmatrix, then rows of 64 bytes read back 16 bytes
+// a lane; the 16-byte chunks XOR-swizzled by row / 2 so that neither side has
+// bank conflicts), so that each lane writes 8 adjacent columns with one
+// 16-byte store instead of 4 stores of a pair. Shuffles would transpose without
+// shared memory, but in this kernel ptxas then guards its warp-wide
+// instructions against divergence and moves the wgmma descriptors out of the
+// uniform registers (the dense backward measured 12% slower). Without
+// `steps` (a key block that visits no query block) the rows are zeros.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_grad_rows(T* dst, const Acc& acc, int h, float scale,
+                                                bool steps, bool store, uint32_t scratch,
+                                                int lane) {
+  static_assert(Acc::kNT % 4 == 0, "16-byte stores take 4 mma tiles' columns");
+  const int row = lane >> 2, chunk = lane & 3;
+  const uint32_t st_addr = scratch + (lane & 7) * 64 + (((lane >> 3) ^ ((lane >> 1) & 3)) * 16);
+  const uint32_t ld_addr = scratch + row * 64 + ((chunk ^ ((row >> 1) & 3)) * 16);
+#pragma unroll
+  for (int g = 0; g < Acc::kNT / 4; ++g) {
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (steps) {
+      uint32_t pairs[4];  // matrix j: mma tile 4 g + j
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        pairs[j] = pack2<T>(acc.x[0][4 * g + j][2 * h] * scale,
+                            acc.x[0][4 * g + j][2 * h + 1] * scale);
+      stmatrix_x4(st_addr, pairs);
+      __syncwarp();
+      v = ld_shared_v4(ld_addr);
+      __syncwarp();
+    }
+    if (store) *reinterpret_cast<uint4*>(dst + g * 32 + chunk * 8) = v;
+  }
+}
+
 // kDeterministic: dQ additions in key-block order (p.dq_turns is set). A
 // template flag, since the turn-taking code costs the plain kernel registers.
 // kSparse: the walk reads a block-sparse mask's lists (never with kDeterministic).
@@ -163,6 +208,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     v_rows_desc = sw128_desc(k_smem + (sV - sK) + consumer * 64 * 128, 16);
     k_cols_desc = sw128_desc(k_smem + dq_col_offset, kBlockN * 128);
   };
+  uint32_t kv_smem = sK;  // this key block's K/V
   point_at_kv(sK);
   KVSlots slots;
   // The dS^T buffer of global step g, local step j of its key block.
@@ -263,6 +309,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // are all taken (spills there cost every step).
   const TensorCoreTurns<2, 9> turns{consumer};
   int gstep = 0, kv_loads = 0;  // steps and K/V loads of every key block so far
+  // This key block's K and V free again, for the next K/V load (lane 0 of each warp).
+  auto arrive_kv_free = [&] { mbar_arrive(sm.empty_kv(kSlots ? (kv_loads - 1) & 1 : 0)); };
   for (BwdKeyBlocks<K, kPersistentBwd<K, kDeterministic, kSparse>> blocks(p, sm); blocks.more();
        blocks.next()) {
     const int n0 = blocks.block().tile * kBlockN;
@@ -278,7 +326,8 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         mbar_wait(sm.full_kv(), kv_loads & 1);
       ++kv_loads;
       if constexpr (kSlots) {
-        point_at_kv(K::slot(smem, slots.kv));
+        kv_smem = K::slot(smem, slots.kv);
+        point_at_kv(kv_smem);
         // The previous key block's last dQ products (the other warpgroup's
         // too) read slots this one's first steps write: K/V landing no
         // longer waits for them.
@@ -400,8 +449,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       wgmma_wait<0>();
       pin_dq();
       // Every product that reads K and V is done: the next key block's may load.
-      __syncwarp();
-      if (lane == 0) mbar_arrive(sm.empty_kv(kSlots ? (kv_loads - 1) & 1 : 0));
+      if constexpr (K::kEpilogueOwnSmem) {
+        __syncwarp();
+        if (lane == 0) arrive_kv_free();
+      }
       stage_dq(gstep - 1);
       if constexpr (kSlots) slots.next(local);
     }
@@ -413,19 +464,25 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     const int64_t kv_offset = (int64_t(batch) * sh.seq_k + n0) * kv_row_stride + kv_head * kD;
     T* dk_out = static_cast<T*>(p.dk) + kv_offset;
     T* dv_out = static_cast<T*>(p.dv) + kv_offset;
+    const uint32_t scratch =
+        (K::kEpilogueOwnSmem ? smem + K::kEpilogueOffset + consumer * 4 * 512
+                             : kv_smem + (sV - sK) + consumer * 64 * 128) +
+        (warp & 3) * 512;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
-      if (n0 + row >= sh.seq_k) continue;
-#pragma unroll
-      for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
-        const int64_t off = row * kv_row_stride + K::AccKV::col(nt, 0, lane);
-        *reinterpret_cast<uint32_t*>(dk_out + off) = pack2<T>(
-            dk.x[0][nt][2 * h] * p.softmax_scale, dk.x[0][nt][2 * h + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(dv_out + off) =
-            pack2<T>(dv.x[0][nt][2 * h], dv.x[0][nt][2 * h + 1]);
-      }
+      const bool store = n0 + row < sh.seq_k;
+      store_grad_rows(dk_out + row * kv_row_stride, dk, h, p.softmax_scale, later, store, scratch,
+                      lane);
+      store_grad_rows(dv_out + row * kv_row_stride, dv, h, 1.f, later, store, scratch, lane);
     }
+    // With the scratch in V, K/V are free only now (a key block without steps
+    // loaded none). The transposes' last __syncwarp follows every lane's last
+    // scratch access (its reads returned what the writes put there), so lane 0
+    // releases without another: a __syncwarp here makes ptxas guard the
+    // kernel's warp-wide instructions against divergence, as shuffles do.
+    if constexpr (!K::kEpilogueOwnSmem)
+      if (later && lane == 0) arrive_kv_free();
   }
   if (kv_loads > 0) turns.finish();
 }

@@ -59,6 +59,24 @@ __device__ __forceinline__ int ld_shared_u32(uint32_t addr) {
   return v;
 }
 
+// Four 8x8 16-bit matrices to shared memory: lane l gives the address of row
+// l % 8 of matrix l / 8, and r[i] is the lane's fragment of matrix i (row
+// lane / 4, columns 2 (lane % 4), +1: an mma accumulator's pair).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
 // --- TMA: a box of a tensor described by a CUtensorMap (a __grid_constant__
 // kernel parameter) copied to shared memory; completion counts bytes on `bar`.
 
