@@ -56,9 +56,11 @@ struct BwdKernel {
   static constexpr int kBarOffset = kDQOffset + kDQBytes;
   static constexpr int kDQBarriers = 4;  // per warpgroup: its dQ tile staged, then read
   // The epilogue's transposes (store_grad_rows): 512 bytes per consumer warp,
-  // in a region of their own where it fits (head_dim 128), else in the warp's
-  // rows of V, which no product reads after a key block's last step (head_dim
-  // 64: the K/V release then follows the epilogue).
+  // in a region of their own where it fits (head_dim 128), else in the first 2
+  // KB of the warpgroup's 64 rows of V, which only its dP^T products read: each
+  // warp waits for its last one before the named barrier of the trailing dQ
+  // product, which all four pass before any starts the epilogue (head_dim 64:
+  // the K/V release then follows the epilogue).
   static constexpr int kTailEnd = kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers);
   static constexpr int kEpilogueOffset = (kTailEnd + 127) / 128 * 128;
   static constexpr int kEpilogueBytes = 8 * 512;
