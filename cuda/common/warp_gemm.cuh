@@ -30,22 +30,22 @@ struct Accum {
   }
 };
 
-// Writes rows Acc::row(mt, 2 h, lane) of an accumulator as T:
+// Writes rows Acc::row(0, 2 h, lane) of an accumulator as T:
 // `dst` is this lane's row at column 0 (16-byte aligned) and `store` whether
 // the lane writes it. Each quad of lanes transposes its 4 x 4 column pairs of
 // every 4 mma tiles, so that a lane holds 8 adjacent columns and writes them
 // with one 16-byte store: a quarter of the store instructions of one per pair,
 // each filling whole 32-byte sectors. Every lane of the warp must call it.
 template <typename T, typename Acc>
-__device__ __forceinline__ void store_accum_rows(T* dst, const Acc& acc, int mt, int h,
-                                                 bool store, int lane) {
+__device__ __forceinline__ void store_accum_rows(T* dst, const Acc& acc, int h, bool store,
+                                                 int lane) {
   static_assert(Acc::kNT % 4 == 0, "16-byte stores take 4 mma tiles' columns");
 #pragma unroll
   for (int g = 0; g < Acc::kNT / 4; ++g) {
     uint32_t pairs[4];  // pairs[j]: columns (4 g + j) * 8 + 2 (lane % 4), +1
 #pragma unroll
     for (int j = 0; j < 4; ++j)
-      pairs[j] = pack2<T>(acc.x[mt][4 * g + j][2 * h], acc.x[mt][4 * g + j][2 * h + 1]);
+      pairs[j] = pack2<T>(acc.x[0][4 * g + j][2 * h], acc.x[0][4 * g + j][2 * h + 1]);
     // Swap across lane bit b and index bit b, b = 0 then 1: afterwards
     // pairs[j] holds columns g * 32 + (lane % 4) * 8 + 2 j, +1.
 #pragma unroll

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     k_cols_desc = sw128_desc(k_smem + dq_col_offset, kBlockN * 128);
   };
   uint32_t kv_smem = sK;  // this key block's K/V
-  point_at_kv(sK);
+  point_at_kv(kv_smem);
   KVSlots slots;
   // The dS^T buffer of global step g, local step j of its key block.
   auto ds_buffer = [&](int g, int j) {

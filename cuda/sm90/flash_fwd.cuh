@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       const int row = warp_row0 + K::AccO::row(0, 2 * h, lane);
       const bool store = m0 + row >= 0 && (!K::kSparse || m0 + row < sh.seq_q);
-      store_accum_rows(out + row * row_stride, o, 0, h, store, lane);
+      store_accum_rows(out + row * row_stride, o, h, store, lane);
       if (store && (lane & 3) == 0) lse_out[row] = lse[0][h];
     }
   }
