@@ -130,11 +130,14 @@ struct BwdKernel {
 // shared memory, but in this kernel ptxas then guards its warp-wide
 // instructions against divergence and moves the wgmma descriptors out of the
 // uniform registers (the dense backward measured 12% slower). Without
-// `steps` (a key block that visits no query block) the rows are zeros.
+// `steps` (a key block that visits no query block) the rows are zeros. With
+// `proxy_fence` the last transpose ends with a proxy fence: the scratch's bytes
+// are next written by TMA (head_dim 64, where it lies in V), and the PTX memory
+// model orders generic writes before async-proxy ones only through it.
 template <typename T, typename Acc>
 __device__ __forceinline__ void store_grad_rows(T* dst, const Acc& acc, int h, float scale,
                                                 bool steps, bool store, uint32_t scratch,
-                                                int lane) {
+                                                int lane, bool proxy_fence = false) {
   static_assert(Acc::kNT % 4 == 0, "16-byte stores take 4 mma tiles' columns");
   const int row = lane >> 2, chunk = lane & 3;
   const uint32_t st_addr = scratch + (lane & 7) * 64 + (((lane >> 3) ^ ((lane >> 1) & 3)) * 16);
@@ -151,6 +154,7 @@ __device__ __forceinline__ void store_grad_rows(T* dst, const Acc& acc, int h, f
       stmatrix_x4(st_addr, pairs);
       __syncwarp();
       v = ld_shared_v4(ld_addr);
+      if (proxy_fence && g == Acc::kNT / 4 - 1) fence_async_shared();
       __syncwarp();
     }
     if (store) *reinterpret_cast<uint4*>(dst + g * 32 + chunk * 8) = v;
@@ -476,12 +480,12 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
       const bool store = n0 + row < sh.seq_k;
       store_grad_rows(dk_out + row * kv_row_stride, dk, h, p.softmax_scale, later, store, scratch,
                       lane);
-      store_grad_rows(dv_out + row * kv_row_stride, dv, h, 1.f, later, store, scratch, lane);
+      store_grad_rows(dv_out + row * kv_row_stride, dv, h, 1.f, later, store, scratch, lane,
+                      /*proxy_fence=*/!K::kEpilogueOwnSmem && h == 1);
     }
     // With the scratch in V, K/V are free only now (a key block without steps
     // loaded none). The transposes' last __syncwarp follows every lane's last
-    // scratch access (its reads returned what the writes put there), so lane 0
-    // releases without another: a __syncwarp here makes ptxas guard the
+    // scratch access and its proxy fence, so lane 0 releases without another: a __syncwarp here makes ptxas guard the
     // kernel's warp-wide instructions against divergence, as shuffles do.
     if constexpr (!K::kEpilogueOwnSmem)
       if (later && lane == 0) arrive_kv_free();

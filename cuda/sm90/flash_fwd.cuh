@@ -231,9 +231,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       // within kStages + kClaimLead key tiles of its end. Under a block-sparse
       // mask the whole warp then counts the tile's key tiles (loads from the
       // mask's lists) and puts the count in the slot: the other roles would
-      // otherwise each wait for those loads when they start the tile.
+      // otherwise each wait for those loads when they start the tile. A block-
+      // sparse tile without key tiles has no loads to wait for: the TMA thread
+      // reports only those with some (`reports` of them so far), and the next
+      // tile is claimed at once.
+      int reports = 0;
+      bool wait_loads = false;
       for (int k = 0;; ++k) {
-        if (k > 0) mbar_wait(loads_issued, (k - 1) & 1);
+        if (K::kSparse ? wait_loads : k > 0)
+          mbar_wait(loads_issued, K::kSparse ? reports++ & 1 : (k - 1) & 1);
         int id = int(blockIdx.x);
         if (k > 0 && lane == 0) id = atomicAdd(p.tile_counter, 1) + int(gridDim.x);
         if (K::kSparse) id = __shfl_sync(~0u, id, 0);
@@ -258,6 +264,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           mbar_arrive(full_tile(k));
         }
         if (bi.batch < 0) break;
+        wait_loads = sparse_key_tiles > 0;
       }
     } else if (warp == 0 && lane == 0) {
       tma_prefetch_descriptor(&args.q);
@@ -302,7 +309,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           if (K::kClaimLead > 0 && i == claim_after) mbar_arrive(loads_issued);
         }
         tiles_done += n_blocks > 0;
-        if (K::kClaimLead == 0 || n_blocks == 0) mbar_arrive(loads_issued);
+        if (K::kClaimLead == 0) mbar_arrive(loads_issued);
       }
     }
     return;
