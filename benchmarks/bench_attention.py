@@ -15,7 +15,9 @@ runs in the same process on the same GPU:
 
 Time: the median of 5 repeats of at least 20 ms each, the peers of a cell taking
 turns repeat by repeat. FLOPs: forward 4*b*h*sq*sk*d (halved when causal),
-forward+backward 3.5x that.
+forward+backward 3.5x that. The head_dim 128 non-causal seq-16k forward is held
+against the rate of an 8192^3 `jnp.matmul`, taken before and after the sweep and
+also beside that cell, taking turns with its peers (its row's peer is "matmul").
 Memory: temp bytes of the compiled executable (`memory_analysis()`), known even
 where running it would not fit.
 
@@ -198,28 +200,52 @@ def compile_peer(peer: str, cell: Cell, args):
     return row, None
 
 
-def measure_cell(peers, cell: Cell, args, timing: Timing) -> list[dict]:
-  """One row per peer; the peers that run are timed side by side (time_calls)."""
+def measure_cell(peers, cell: Cell, args, timing: Timing, matmul=None) -> list[dict]:
+  """One row per peer; the peers that run are timed side by side (time_calls).
+  With `matmul` (matmul_beside) its row follows, timed taking turns with them."""
   compiled = [compile_peer(peer, cell, args) for peer in peers]
-  runnable = [(row, fn) for row, fn in compiled if fn is not None]
+  runnable = [(row, fn, cell.flops) for row, fn in compiled if fn is not None]
+  extra = [] if matmul is None else [dict(matmul[0], mode=cell.mode, causal=cell.causal,
+                                          d=cell.head_dim, s=cell.seq, b=cell.batch,
+                                          h=cell.heads)]
+  if matmul is not None:
+    runnable.append((extra[0], matmul[1], matmul[2]))
   try:
-    seconds = time_calls([fn for _, fn in runnable], args, timing)
+    seconds = time_calls([fn for _, fn, _ in runnable], args, timing)
   except Exception as e:  # noqa: BLE001 - every failure is a result to record
-    for row, _ in runnable:
+    for row, _, _ in runnable:
       row["error"] = _error_text(e)
-    return [row for row, _ in compiled]
-  for (row, _), t in zip(runnable, seconds):
+    return [row for row, _ in compiled] + extra
+  for (row, _, flops), t in zip(runnable, seconds):
     row["ms"] = t * 1e3
-    row["tflops"] = cell.flops / t / 1e12
-  return [row for row, _ in compiled]
+    row["tflops"] = flops / t / 1e12
+  return [row for row, _ in compiled] + extra
+
+
+def _matmul(dtype, n: int):
+  a, b = (jax.random.normal(key, (n, n), dtype) for key in jax.random.split(jax.random.key(0)))
+  return jax.jit(jnp.matmul).lower(a, b).compile(), (a, b), 2 * n**3
 
 
 def matmul_rate(dtype, n: int = 8192) -> float:
   """TFLOP/s of an n x n x n `jnp.matmul` in `dtype`: the GPU's matrix-product
   rate in this process, which the attention figures are held against."""
-  a, b = (jax.random.normal(key, (n, n), dtype) for key in jax.random.split(jax.random.key(0)))
-  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-  return 2 * n**3 / time_call(compiled, (a, b), Timing()) / 1e12
+  compiled, operands, flops = _matmul(dtype, n)
+  return flops / time_call(compiled, operands, Timing()) / 1e12
+
+
+# The cell whose forward is held against the matmul rate.
+CEILING_CELL = ("fwd", False, 128, 16384)
+
+
+def matmul_beside(dtype, n: int = 8192):
+  """(row, fn, flops) of an n x n x n `jnp.matmul` for measure_cell: fn takes
+  the cell's arguments and ignores them, so that the matmul takes turns with the
+  cell's peers, repeat by repeat, at the clocks and temperature they run at
+  (a rate taken before or after a sweep is one of a cooler or a hotter GPU)."""
+  compiled, operands, flops = _matmul(dtype, n)
+  row = dict(peer="matmul", dtype=jnp.dtype(dtype).name, n=n)
+  return row, lambda *_: compiled(*operands), flops
 
 
 def make_inputs(cell: Cell, dtype, seed: int):
@@ -251,7 +277,10 @@ def run_sweep(args, cells, timing, log_file):
             f"{len(cells) - i} cells not run", flush=True)
       return rows, len(cells) - i
     inputs = make_inputs(cell, dtype, seed=i)
-    for row in measure_cell(args.peers, cell, inputs, timing):
+    ceiling = ((cell.mode, cell.causal, cell.head_dim, cell.seq) == CEILING_CELL
+               and "jax_flash" in args.peers and jax.devices()[0].platform == "gpu")
+    matmul = matmul_beside(dtype) if ceiling else None
+    for row in measure_cell(args.peers, cell, inputs, timing, matmul):
       rows.append(row)
       log_file.write(json.dumps(row) + "\n")
       log_file.flush()
@@ -324,11 +353,16 @@ def summary_lines(rows, matmul_tflops=None):
   get = lambda p, mode, causal, d, s: idx.get((p, mode, causal, d, s))
   out = []
 
-  ceiling = get("jax_flash", "fwd", False, 128, 16384)
+  ceiling = get("jax_flash", *CEILING_CELL)
   if matmul_tflops and ceiling and "tflops" in ceiling:
     out.append(f"jax_flash d128 s16384 full fwd: {ceiling['tflops']:.0f} TFLOP/s, "
                f"{ceiling['tflops'] / matmul_tflops:.3f} of the matmul rate "
                f"({matmul_tflops:.0f} TFLOP/s)")
+  beside = get("matmul", *CEILING_CELL)
+  if ceiling and "tflops" in ceiling and beside and "tflops" in beside:
+    out.append(f"jax_flash d128 s16384 full fwd: {ceiling['tflops']:.0f} TFLOP/s, "
+               f"{ceiling['tflops'] / beside['tflops']:.3f} of the matmul rate taken "
+               f"beside it, repeat by repeat ({beside['tflops']:.0f} TFLOP/s)")
 
   for mode in MODES + (None,):
     ratios = []

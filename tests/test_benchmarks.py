@@ -68,6 +68,18 @@ class SummaryTest(absltest.TestCase):
                   "(795 TFLOP/s)", lines)
     self.assertFalse(any("matmul" in line for line in bench_attention.summary_lines(rows)))
 
+  def test_the_forward_is_held_against_a_matmul_timed_beside_it(self):
+    cell = dict(mode="fwd", causal=False, d=128, s=16384, b=1, h=16)
+    rows = _rows() + [dict(cell, peer="jax_flash", ms=1.0, tflops=610.0),
+                      dict(cell, peer="matmul", ms=1.0, tflops=762.5)]
+    lines = bench_attention.summary_lines(rows, matmul_tflops=798.0)
+    self.assertIn("jax_flash d128 s16384 full fwd: 610 TFLOP/s, 0.764 of the matmul rate "
+                  "(798 TFLOP/s)", lines)
+    self.assertIn("jax_flash d128 s16384 full fwd: 610 TFLOP/s, 0.800 of the matmul rate "
+                  "taken beside it, repeat by repeat (762 TFLOP/s)", lines)
+    # The matmul row is no peer of the table.
+    self.assertNotIn("matmul", bench_attention.markdown_table(rows, ["jax_flash", "cudnn"]))
+
 
 class VariantsBenchmarkTest(absltest.TestCase):
 
