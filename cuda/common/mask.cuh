@@ -23,9 +23,11 @@ struct AttentionMask {
 
   __device__ __forceinline__ int diag() const { return seq_k - seq_q; }
 
+  // Bitwise, not short-circuit: evaluated per score element, where `&&` made
+  // ptxas branch (divergently) on every term instead of selecting.
   __device__ __forceinline__ bool visible(int q_row, int k_col) const {
-    return k_col < seq_k && (left < 0 || k_col >= q_row + diag() - left) &&
-           (right < 0 || k_col <= q_row + diag() + right);
+    return (k_col < seq_k) & ((left < 0) | (k_col >= q_row + diag() - left)) &
+           ((right < 0) | (k_col <= q_row + diag() + right));
   }
   __device__ __forceinline__ bool operator()(int q_row, int k_col) const {
     return visible(q_row, k_col);
@@ -53,7 +55,7 @@ struct AttentionMask {
 };
 
 // Sets the scores of an accumulator tile (rows = queries) that visible(query,
-// key) hides to -inf.
+// key) hides to -inf, by selects: `visible` should not branch either.
 template <typename Acc, typename Visible>
 __device__ __forceinline__ void mask_scores(Acc& s, const Visible& visible, int q0, int k0,
                                             int lane) {
@@ -63,8 +65,9 @@ __device__ __forceinline__ void mask_scores(Acc& s, const Visible& visible, int 
     for (int nt = 0; nt < Acc::kNT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        if (!visible(q0 + Acc::row(mt, i, lane), k0 + Acc::col(nt, i, lane)))
-          s.x[mt][nt][i] = -CUDART_INF_F;
+        s.x[mt][nt][i] = visible(q0 + Acc::row(mt, i, lane), k0 + Acc::col(nt, i, lane))
+                             ? s.x[mt][nt][i]
+                             : -CUDART_INF_F;
 }
 
 }  // namespace jax_flash

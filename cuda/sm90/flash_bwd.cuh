@@ -399,9 +399,10 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
           for (int i = 0; i < 4; ++i)
-            if (!mask.visible(m0 + K::AccS::col(nt, i, lane),
-                              n0 + key_row0 + K::AccS::row(0, i, lane)))
-              st.x[0][nt][i] = 0.f;
+            st.x[0][nt][i] = mask.visible(m0 + K::AccS::col(nt, i, lane),
+                                          n0 + key_row0 + K::AccS::row(0, i, lane))
+                                 ? st.x[0][nt][i]
+                                 : 0.f;
       }
       wgmma_wait<0>();
       pin_registers(dpt_regs);

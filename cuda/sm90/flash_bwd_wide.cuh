@@ -177,8 +177,10 @@ __global__ void __launch_bounds__(BwdWideKernel<T, kD>::kThreads, 1)
       for (int nt = 0; nt < K::AccS::kNT; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i)
-          if (!mask.visible(m0 + q_row0 + 8 * (i >> 1), n0 + key0 + K::AccS::col(nt, i, lane)))
-            st.x[0][nt][i] = 0.f;
+          st.x[0][nt][i] =
+              mask.visible(m0 + q_row0 + 8 * (i >> 1), n0 + key0 + K::AccS::col(nt, i, lane))
+                  ? st.x[0][nt][i]
+                  : 0.f;
     }
     wgmma_wait<0>();
     pin_registers(dp_regs);
