@@ -373,11 +373,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     const int2 keys = key_blocks(m0, segments);
     const int n_blocks = K::kSparse ? sparse_key_tiles : keys.y - keys.x;
     const int q0 = m0 + warp_row0;  // this warp's first row (it holds 16)
-    // (Rows before 0 take no part.) Segment ids are read only where a row and
-    // key are visible otherwise; without them nothing branches.
+    // (Rows before 0 take no part.) Segment ids are read only for rows from 0
+    // on and keys visible otherwise, hence the short circuits there; without
+    // them nothing branches.
     auto visible = [&](int q_row, int k_col) {
       if constexpr (kMasks)
-        return (q_row < 0) | (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
+        return q_row < 0 || (mask.visible(q_row, k_col) && segments.same(q_row, k_col));
       else
         return (q_row < 0) | mask.visible(q_row, k_col);
     };
