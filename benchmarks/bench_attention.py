@@ -205,11 +205,12 @@ def measure_cell(peers, cell: Cell, args, timing: Timing, matmul=None) -> list[d
   With `matmul` (matmul_beside) its row follows, timed taking turns with them."""
   compiled = [compile_peer(peer, cell, args) for peer in peers]
   runnable = [(row, fn, cell.flops) for row, fn in compiled if fn is not None]
-  extra = [] if matmul is None else [dict(matmul[0], mode=cell.mode, causal=cell.causal,
-                                          d=cell.head_dim, s=cell.seq, b=cell.batch,
-                                          h=cell.heads)]
+  extra = []
   if matmul is not None:
-    runnable.append((extra[0], matmul[1], matmul[2]))
+    row, fn, flops = matmul
+    extra.append(dict(row, mode=cell.mode, causal=cell.causal, d=cell.head_dim, s=cell.seq,
+                      b=cell.batch, h=cell.heads))
+    runnable.append((extra[0], fn, flops))
   try:
     seconds = time_calls([fn for _, fn, _ in runnable], args, timing)
   except Exception as e:  # noqa: BLE001 - every failure is a result to record

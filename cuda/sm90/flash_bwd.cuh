@@ -486,8 +486,9 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
     }
     // With the scratch in V, K/V are free only now (a key block without steps
     // loaded none). The transposes' last __syncwarp follows every lane's last
-    // scratch access and its proxy fence, so lane 0 releases without another: a __syncwarp here makes ptxas guard the
-    // kernel's warp-wide instructions against divergence, as shuffles do.
+    // scratch access and its proxy fence, so lane 0 releases without another:
+    // a __syncwarp here makes ptxas guard the kernel's warp-wide instructions
+    // against divergence, as shuffles do.
     if constexpr (!K::kEpilogueOwnSmem)
       if (later && lane == 0) arrive_kv_free();
   }
