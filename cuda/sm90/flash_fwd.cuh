@@ -4,15 +4,16 @@
 // rows in TileOrder (under a causal mask: longest first within chunks of
 // heads), claiming each next tile at run time, in three roles. Warpgroup 0 is
 // the producer: it shrinks to a few registers; one thread claims tiles and
-// another issues the TMA copies, each tile's Q and then its K and V tiles through a
-// ring of kStages buffers that runs on from tile to tile. Every buffer has a
-// "full" barrier (bytes landed) and an "empty" one (every consumer warp is done
-// with it). The other warpgroups are consumers with the registers the producer
-// gave up: S = Q K^T with both operands in shared memory, mask and online
-// softmax in registers, then O += P V with P straight from registers; each
-// writes its rows of O from registers and moves on. Key blocks are visited from
-// last to first, so the masked ones come first; with a block-sparse mask only
-// those of the blocks it has on.
+// another issues the TMA copies, each tile's Q (through kQBuffers buffers) and
+// then its K and V tiles through a ring of kStages buffers that runs on from
+// tile to tile. Every buffer has a "full" barrier (bytes landed) and an "empty"
+// one (every consumer warp is done with it). The other warpgroups are
+// consumers with the registers the producer gave up: S = Q K^T with both
+// operands in shared memory, mask and online softmax in registers, then
+// O += P V with P straight from registers; each writes its rows of O from
+// registers and moves on. Key blocks are visited from last to first, so the
+// masked ones come first; with a block-sparse mask only those of the blocks it
+// has on.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -49,6 +50,7 @@ template <typename T, int kD, FwdArrays kArrays = FwdArrays::kNone>
 struct FwdKernel {
   using Tile = FwdTile<kD>;
   static constexpr int kBlockN = Tile::kBlockN, kStages = Tile::kStages;
+  static constexpr int kQBuffers = Tile::kQBuffers;
   // A query tile of a block-sparse mask lies in one of its blocks: at most
   // kBlockSparseGranule queries, from a multiple of it.
   static constexpr bool kSparse =
@@ -72,12 +74,12 @@ struct FwdKernel {
   // sparse tiles are short (few key tiles per query tile), so they claim
   // earlier.
   static constexpr int kClaimLead = kSparse ? 2 : 0;
-  // Shared memory: Q, K stages, V stages, the barriers, the tile slots, each K
-  // stage's key tile.
-  static constexpr int kKOffset = kQBytes;
+  // Shared memory: Q buffers, K stages, V stages, the barriers, the tile slots,
+  // each K stage's key tile.
+  static constexpr int kKOffset = kQBuffers * kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kKVBytes;
   static constexpr int kBarOffset = kVOffset + kStages * kKVBytes;
-  static constexpr int kBarriers = 2 + 4 * kStages + 2 * kTileSlots + 1;
+  static constexpr int kBarriers = 2 * kQBuffers + 4 * kStages + 2 * kTileSlots + 1;
   // Block-sparse builds read and write a slot as one 16-byte vector.
   static constexpr int kTileSlotOffset =
       kSparse ? (kBarOffset + 8 * kBarriers + 15) / 16 * 16 : kBarOffset + 8 * kBarriers;
@@ -110,19 +112,25 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   const FwdParams& p = args.p;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (smem_u32(smem_raw) + 1023) & ~1023u;
-  const uint32_t sQ = smem;
-  const uint32_t full_q = smem + K::kBarOffset, empty_q = full_q + 8;
+  // The n-th Q tile's buffer, its barriers and their phase; K/V stages; tile
+  // slots.
+  auto sQ = [&](int n) { return smem + n % K::kQBuffers * K::kQBytes; };
   auto sK = [&](int s) { return smem + K::kKOffset + s * K::kKVBytes; };
   auto sV = [&](int s) { return smem + K::kVOffset + s * K::kKVBytes; };
-  auto full_k = [&](int s) { return full_q + 8 * (2 + s); };
-  auto full_v = [&](int s) { return full_q + 8 * (2 + kStages + s); };
-  auto empty_k = [&](int s) { return full_q + 8 * (2 + 2 * kStages + s); };
-  auto empty_v = [&](int s) { return full_q + 8 * (2 + 3 * kStages + s); };
-  auto full_tile = [&](int k) { return full_q + 8 * (2 + 4 * kStages + k % K::kTileSlots); };
+  const uint32_t bars = smem + K::kBarOffset;
+  constexpr int kQBars = 2 * K::kQBuffers, kKVBars = kQBars + 4 * kStages;
+  auto full_q = [&](int n) { return bars + 8 * (n % K::kQBuffers); };
+  auto empty_q = [&](int n) { return bars + 8 * (K::kQBuffers + n % K::kQBuffers); };
+  auto q_phase = [](int n) { return uint32_t(n / K::kQBuffers) & 1; };
+  auto full_k = [&](int s) { return bars + 8 * (kQBars + s); };
+  auto full_v = [&](int s) { return bars + 8 * (kQBars + kStages + s); };
+  auto empty_k = [&](int s) { return bars + 8 * (kQBars + 2 * kStages + s); };
+  auto empty_v = [&](int s) { return bars + 8 * (kQBars + 3 * kStages + s); };
+  auto full_tile = [&](int k) { return bars + 8 * (kKVBars + k % K::kTileSlots); };
   auto empty_tile = [&](int k) {
-    return full_q + 8 * (2 + 4 * kStages + K::kTileSlots + k % K::kTileSlots);
+    return bars + 8 * (kKVBars + K::kTileSlots + k % K::kTileSlots);
   };
-  const uint32_t loads_issued = full_q + 8 * (2 + 4 * kStages + 2 * K::kTileSlots);
+  const uint32_t loads_issued = bars + 8 * (kKVBars + 2 * K::kTileSlots);
   auto tile_slot = [&](int k) { return smem + K::kTileSlotOffset + 16 * (k % K::kTileSlots); };
   // A block-sparse walk's key tile in K stage s, written by the TMA thread
   // before the stage's loads and read by the consumers once they have landed
@@ -181,8 +189,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   auto tile_m0 = [&](int tile) { return tile * kBlockM - row_pad; };
 
   if (tid == 0) {
-    mbar_init(full_q, 1);
-    mbar_init(empty_q, 4 * K::kConsumers);  // one arrival per consumer warp
+    for (int b = 0; b < K::kQBuffers; ++b) {
+      mbar_init(full_q(b), 1);
+      mbar_init(empty_q(b), 4 * K::kConsumers);  // one arrival per consumer warp
+    }
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full_k(s), 1);
       mbar_init(full_v(s), 1);
@@ -219,8 +229,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   };
 
   // Every role walks the same tiles and counts the same key blocks: `it` over
-  // all key blocks (the K/V ring's stage and phase), `tiles_done` over tiles
-  // with work (Q's phase).
+  // all key blocks (the K/V ring's stage and phase), `q_tiles` over tiles
+  // with work (Q's buffer and phase).
   if (warpgroup == 0) {
     regs_shrink<K::kProducerRegs>();
     if (warp == 1 && (K::kSparse || lane == 0)) {
@@ -270,7 +280,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       tma_prefetch_descriptor(&args.q);
       tma_prefetch_descriptor(&args.k);
       tma_prefetch_descriptor(&args.v);
-      int it = 0, tiles_done = 0;
+      int it = 0, q_tiles = 0;
       for (int k = 0;; ++k) {
         int sparse_key_tiles = 0;
         const BlockIndex bi = read_tile(k, sparse_key_tiles);
@@ -278,19 +288,22 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
         if (bi.batch < 0) break;
         const int m0 = tile_m0(bi.tile), kv_head = bi.head / (sh.heads / sh.kv_heads);
         auto load_q = [&] {
-          mbar_wait(empty_q, (tiles_done & 1) ^ 1);
-          mbar_arrive_expect_tx(full_q, K::kQBytes);
-          tma_load_tile<K::kPanels, kBlockM>(sQ, &args.q, full_q, bi.head, m0, bi.batch);
+          mbar_wait(empty_q(q_tiles), q_phase(q_tiles) ^ 1);
+          mbar_arrive_expect_tx(full_q(q_tiles), K::kQBytes);
+          tma_load_tile<K::kPanels, kBlockM>(sQ(q_tiles), &args.q, full_q(q_tiles), bi.head,
+                                             m0, bi.batch);
+          ++q_tiles;
         };
         // A block-sparse tile's Q first, as soon as its slot is read: the
         // walk of the mask's list that finds its key tiles, which Q does not
         // need, would otherwise keep Q from the consumers (its short tiles
-        // gave them ~1 us to wait for Q in each). The previous tile's last
-        // QK^T has then nearly finished with Q.
+        // gave them ~1 us to wait for Q in each).
         if (K::kSparse && sparse_key_tiles > 0) load_q();
         const int2 keys = key_blocks(m0, segments_of(bi.batch));
         KeyTiles tiles = key_tiles(bi, m0, keys);
         const int n_blocks = K::kSparse ? sparse_key_tiles : keys.y - keys.x;
+        // With a buffer of its own, Q before the key tiles.
+        if (!K::kSparse && K::kQBuffers > 1 && n_blocks > 0) load_q();
         const int claim_after = max(n_blocks - 1 - K::kClaimLead, 0);
         for (int i = 0; i < n_blocks; ++i, ++it) {
           const int n0 = (K::kSparse ? tiles.next() : keys.y - 1 - i) * kBlockN;
@@ -300,15 +313,14 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
           if (K::kSparse) st_shared_u32(stage_key(s), n0);
           mbar_arrive_expect_tx(full_k(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sK(s), &args.k, full_k(s), kv_head, n0, bi.batch);
-          // Otherwise Q after the first K: the previous tile's last products
-          // may still read Q.
-          if (!K::kSparse && i == 0) load_q();
+          // With one buffer, Q after the first K: the previous tile's last
+          // products may still read Q.
+          if (!K::kSparse && K::kQBuffers == 1 && i == 0) load_q();
           mbar_wait(empty_v(s), phase ^ 1);
           mbar_arrive_expect_tx(full_v(s), K::kKVBytes);
           tma_load_tile<K::kPanels, kBlockN>(sV(s), &args.v, full_v(s), kv_head, n0, bi.batch);
           if (K::kClaimLead > 0 && i == claim_after) mbar_arrive(loads_issued);
         }
-        tiles_done += n_blocks > 0;
         if (K::kClaimLead == 0) mbar_arrive(loads_issued);
       }
     }
@@ -321,8 +333,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   const SoftCap softcap = SoftCap::of(p);
   const float softmax_scale = softcap.softmax_scale(p.softmax_scale);
   const float scale_log2 = softmax_scale * 1.4426950408889634f;
-  // Descriptor of Q's k step 0; later steps add their byte offset / 16.
-  const uint64_t q_desc = sw128_desc(sQ + consumer * 64 * 128, 16);
+  // Descriptor of the first Q buffer's k step 0; later steps add their byte
+  // offset / 16, the other buffer its own.
+  const uint64_t q_desc = sw128_desc(sQ(0) + consumer * 64 * 128, 16);
   const TensorCoreTurns<K::kConsumers> turns{consumer};
 
   typename K::AccS acc_s;
@@ -332,15 +345,16 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   float alpha[1][2];
   uint32_t p_frags[1][kBlockN / 16][4];
 
-  // S = Q K^T of ring slot `it`, issued (not waited for). Returns the slot's
-  // first key under a block-sparse mask (0 otherwise).
-  auto issue_qk = [&](int it) {
+  // S = Q K^T of ring slot `it` with the q_tile-th Q tile, issued (not waited
+  // for). Returns the slot's first key under a block-sparse mask (0 otherwise).
+  auto issue_qk = [&](int it, int q_tile) {
     const int s = it % kStages;
     const uint64_t k_desc = sw128_desc(sK(s), 16);
     mbar_wait(full_k(s), (it / kStages) & 1);
     const int n0 = K::kSparse ? ld_shared_u32(stage_key(s)) : 0;
     wgmma_fence();
-    wgmma_over_head_dim<T, kBlockN, kD, kBlockM, kBlockN>(s_regs, q_desc, k_desc);
+    wgmma_over_head_dim<T, kBlockN, kD, kBlockM, kBlockN>(
+        s_regs, q_desc + (q_tile % K::kQBuffers) * (K::kQBytes >> 4), k_desc);
     return n0;
   };
   // O += P V of ring slot `it`, issued.
@@ -360,7 +374,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     if (lane == 0) mbar_arrive(bar);
   };
 
-  int it = 0, tiles_done = 0;
+  int it = 0, q_tiles = 0;
   bool took_turns = false;
   for (int k = 0;; ++k) {
     int sparse_key_tiles = 0;
@@ -405,26 +419,26 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     if (n_blocks > 0) {
       if (!took_turns) turns.begin();
       took_turns = true;
-      mbar_wait(full_q, tiles_done & 1);
+      mbar_wait(full_q(q_tiles), q_phase(q_tiles));
       turns.wait();
-      const int first_n0 = issue_qk(it);
+      const int first_n0 = issue_qk(it, q_tiles);
       turns.pass();
       wgmma_wait<0>();
       pin_registers(s_regs);
       release(empty_k(it % kStages));
-      if (n_blocks == 1) release(empty_q);
+      if (n_blocks == 1) release(empty_q(q_tiles));
       softmax_step(0, first_n0);
       accum_to_a_frags<T>(p_frags, acc_s);
       for (int i = 1; i < n_blocks; ++i) {
         turns.wait();
-        const int n0 = issue_qk(it + i);
+        const int n0 = issue_qk(it + i, q_tiles);
         OnlineSoftmax<1>::rescale(o, alpha);
         issue_pv(it + i - 1);
         turns.pass();
         wgmma_wait<1>();
         pin_registers(s_regs);
         release(empty_k((it + i) % kStages));
-        if (i == n_blocks - 1) release(empty_q);
+        if (i == n_blocks - 1) release(empty_q(q_tiles));
         softmax_step(i, n0);
         wgmma_wait<0>();
         pin_registers(o_regs);
@@ -439,7 +453,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
       pin_registers(o_regs);
       release(empty_v((it + n_blocks - 1) % kStages));
       it += n_blocks;
-      ++tiles_done;
+      ++q_tiles;
     }
 
     float lse[1][2];
