@@ -103,6 +103,10 @@ struct BwdParams {
   // this counter (one int, zeroed by the preprocess pass; the dq_turns
   // workspace).
   int* key_block_counter;
+  // Workspace of the sm90 backward's shared key blocks (sm90/bwd_split.h):
+  // room for dkv_partial_floats fp32 sums of their dK/dV.
+  float* dkv_partials;
+  int64_t dkv_partial_floats;
   float softmax_scale;
   bool causal;
   int window_left;

@@ -268,6 +268,23 @@ def forward(q, k, v, extras=None, *, softmax_scale: float, causal: bool,
 # smallest query block of any backward kernel (cuda/ffi/flash_ffi.cc agrees).
 _DQ_TURN_ROWS = 64
 
+# The sm90 backward shares the steps of the key blocks that would leave SMs
+# idle in its last wave among several blocks of threads, which add their
+# partial dK/dV to fp32 sums of the key block's (cuda/sm90/bwd_split.h): room
+# for the sums of up to _SPLIT_SLOTS key blocks of _SPLIT_KEYS keys, fewer
+# than an SM count and no more than there are key blocks. Only the
+# non-causal, non-deterministic backward at head_dim <= 128 shares; other
+# calls get no room.
+_SPLIT_SLOTS = 132  # the SMs of an H100 or H200
+_SPLIT_KEYS = 128
+
+
+def _split_slots(batch: int, seq_k: int, kv_heads: int, *, causal: bool,
+                 deterministic: bool, head_dim: int) -> int:
+  if causal or deterministic or head_dim > 128:
+    return 0
+  return min(_SPLIT_SLOTS, batch * kv_heads * -(-seq_k // _SPLIT_KEYS))
+
 
 def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
              softmax_scale: float, causal: bool, deterministic: bool = False,
@@ -280,7 +297,9 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
   f32 = jnp.float32
   extras = extras or {}
   operands, attrs = _variant_operands(variant, extras, b, h)
-  dq, dk, dv, _, _, _, dslopes = jax.ffi.ffi_call(
+  slots = _split_slots(b, sk, hk, causal=causal, deterministic=deterministic,
+                       head_dim=dp)
+  dq, dk, dv, _, _, _, dslopes, _ = jax.ffi.ffi_call(
       "jax_flash_bwd",
       (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),
        jax.ShapeDtypeStruct((b, sk, hk, dp), k.dtype),
@@ -290,7 +309,9 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
        jax.ShapeDtypeStruct((b, sq, h, dp), f32),
        jax.ShapeDtypeStruct((b, h, sq), f32),
        jax.ShapeDtypeStruct((b, h, -(-sq // _DQ_TURN_ROWS)), jnp.int32),
-       jax.ShapeDtypeStruct(operands[4].shape, f32)),  # the slopes' gradient
+       jax.ShapeDtypeStruct(operands[4].shape, f32),  # the slopes' gradient
+       # The shared key blocks' dK/dV sums (workspace).
+       jax.ShapeDtypeStruct((slots, 2, _SPLIT_KEYS, dp), f32)),
       vmap_method="broadcast_all",
   )(*[_pad_last(x, dp) for x in (q, k, v, out, dout)],
     lse.astype(f32), dlse.astype(f32), *operands,

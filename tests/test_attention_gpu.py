@@ -206,6 +206,26 @@ class CudaMatchesReferenceTest(parameterized.TestCase):
                                        name=f"{name} rows {start}:{stop}")
 
   @parameterized.named_parameters(
+      # On sm90 the backward shares the non-causal key blocks of its last wave
+      # among several blocks of threads, each adding a run of query blocks'
+      # partial dK/dV to the key block's sums (cuda/sm90/bwd_split.h). Two key
+      # blocks of 16 steps: each in 8 runs.
+      dict(testcase_name="_two_key_blocks_d128", batch=1, seq_q=1000,
+           seq_k=256, heads=1, kv_heads=1, head_dim=128, dtype="bf16"),
+      # GQA: a key block's steps go over its 4 query heads, 3 query blocks
+      # each, so runs start and end inside a head's blocks; a partial last
+      # key block.
+      dict(testcase_name="_gqa_runs_across_heads_d64", batch=1, seq_q=300,
+           seq_k=300, heads=8, kv_heads=2, head_dim=64, dtype="f16"),
+      # 144 key blocks: on 132 SMs one wave of whole key blocks, then the
+      # last 12 in runs.
+      dict(testcase_name="_whole_and_shared_d128", batch=1, seq_q=512,
+           seq_k=4608, heads=4, kv_heads=4, head_dim=128, dtype="bf16"),
+  )
+  def test_shared_key_blocks_match_reference(self, **case):
+    self._check_against_reference(causal=False, **case)
+
+  @parameterized.named_parameters(
       dict(testcase_name="_d64_full", head_dim=64, causal=False, scale=0.3),
       dict(testcase_name="_d59_causal", head_dim=59, causal=True, scale=1.7),
   )

@@ -1,7 +1,8 @@
 // The two short passes around every backward kernel: before it, delta =
 // rowsum(dO * O) - dlse (the lse cotangent enters here, since d lse / d s = p),
-// a zeroed fp32 dQ accumulator, zeroed dQ turn counters, key-block counter and
-// ALiBi slope gradients; after it, dq = scale * dq_accum in the input dtype.
+// a zeroed fp32 dQ accumulator, zeroed dQ turn counters, key-block counter,
+// ALiBi slope gradients and whatever fp32 sums the kernel asks for; after it,
+// dq = scale * dq_accum in the input dtype.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,7 +18,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // One thread per 16-byte chunk of a row; a row's chunks share a warp.
 template <typename T, int kD>
-__global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(256)
+    flash_bwd_preprocess_kernel(const BwdParams p, float* zeros, int64_t zero_floats) {
   constexpr int kChunks = kD / 8;
   constexpr int kRowsPerBlock = 256 / kChunks;
   const AttentionShape& sh = p.shape;
@@ -54,6 +56,13 @@ __global__ void __launch_bounds__(256) flash_bwd_preprocess_kernel(const BwdPara
     if (p.dalibi_slopes != nullptr && row == 0) p.dalibi_slopes[bh] = 0.f;
     if (p.key_block_counter != nullptr && row == 0 && bh == 0) *p.key_block_counter = 0;
   }
+  // A kernel's own fp32 sums (zero_floats, a multiple of 4), a float4 per thread in turn.
+  const int64_t threads = int64_t(gridDim.x) * gridDim.y * gridDim.z * blockDim.x;
+  const int64_t me =
+      ((int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x +
+      threadIdx.x;
+  for (int64_t i = me; i < zero_floats / 4; i += threads)
+    reinterpret_cast<float4*>(zeros)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
 template <typename T, int kD>
@@ -74,11 +83,13 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const BwdPara
 }
 
 template <typename T, int kD>
-void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream) {
+void launch_bwd_preprocess(const BwdParams& p, cudaStream_t stream, float* zeros = nullptr,
+                           int64_t zero_floats = 0) {
   constexpr int kRows = 256 / (kD / 8);
   const AttentionShape& sh = p.shape;
   flash_bwd_preprocess_kernel<T, kD>
-      <<<dim3((sh.seq_q + kRows - 1) / kRows, sh.heads, sh.batch), 256, 0, stream>>>(p);
+      <<<dim3((sh.seq_q + kRows - 1) / kRows, sh.heads, sh.batch), 256, 0, stream>>>(
+          p, zeros, zero_floats);
 }
 
 template <typename T, int kD>

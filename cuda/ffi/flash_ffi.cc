@@ -316,7 +316,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
                    ffi::Result<ffi::Buffer<ffi::F32>> dq_accum,
                    ffi::Result<ffi::Buffer<ffi::F32>> delta,
                    ffi::Result<ffi::Buffer<ffi::S32>> dq_turns,
-                   ffi::Result<ffi::Buffer<ffi::F32>> dalibi_slopes) {
+                   ffi::Result<ffi::Buffer<ffi::F32>> dalibi_slopes,
+                   ffi::Result<ffi::Buffer<ffi::F32>> dkv_partials) {
   AttentionShape shape;
   DType dtype;
   if (auto err = check_qkv(q, k, v, &shape, &dtype); err.failure()) return err;
@@ -370,6 +371,8 @@ ffi::Error BwdImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
               delta->typed_data(),
               deterministic ? dq_turns->typed_data() : nullptr,
               deterministic ? nullptr : dq_turns->typed_data(),
+              dkv_partials->typed_data(),
+              int64_t(dkv_partials->element_count()),
               softmax_scale,
               causal,
               window_left,
@@ -452,5 +455,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBwd, jax_flash::BwdImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dq_accum workspace
                                   .Ret<ffi::Buffer<ffi::F32>>()   // delta workspace
                                   .Ret<ffi::Buffer<ffi::S32>>()   // dq_turns workspace
-                                  .Ret<ffi::Buffer<ffi::F32>>(),  // dalibi_slopes
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dalibi_slopes
+                                  .Ret<ffi::Buffer<ffi::F32>>(),  // dkv_partials workspace
                               {ffi::Traits::kCmdBufferCompatible});

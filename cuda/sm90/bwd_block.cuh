@@ -18,6 +18,7 @@
 #include "../common/dq_turns.cuh"
 #include "../common/mask.cuh"
 #include "../params.h"
+#include "bwd_split.h"
 #include "hopper.cuh"
 #include "host.h"
 
@@ -26,22 +27,26 @@ namespace jax_flash::sm90 {
 struct BwdArgs {
   CUtensorMap q, k, v, dout, dq_accum;
   BwdParams p;
+  BwdSplit split;  // K::kSplits kernels: which key block each block of threads takes
 };
 
 // The query blocks of a block of keys: those of every query head of its GQA
 // group (so the group's dK/dV are summed in registers), each head's from the
 // first one that sees the keys and, with a block-sparse mask, in the blocks it
-// has on. Every role walks them alike: first(), then next() until done().
+// has on; of a shared key block (bwd_split.h) only its run's steps. Every role
+// walks them alike: first(), then next() until done().
 struct BwdWalk {
   struct Visit {
-    int g;   // the query head within the group
-    int at;  // the position in the head's list of query blocks
-    int m;   // the query block; < 0: the walk is over
+    int g;     // the query head within the group
+    int at;    // the position in the head's list of query blocks
+    int m;     // the query block; < 0: the walk is over
+    int left;  // steps left in the run
     __device__ __forceinline__ bool done() const { return m < 0; }
   };
   int kv_head, batch, n0, group, m_begin, m_end, block_m;
   BlockSparse sparse;  // off unless kSparse
   int k_block, tiles_per_block;
+  int begin, left;  // the run's steps: [begin, begin + left); never sparse
 
   template <bool kSparse>
   __device__ __forceinline__ static BwdWalk of(const BwdParams& p, const BlockIndex& bi,
@@ -58,10 +63,17 @@ struct BwdWalk {
     w.sparse = kSparse ? BlockSparse::of(p, bi.batch) : BlockSparse{};
     w.k_block = w.sparse.k_block(w.n0);
     w.tiles_per_block = w.sparse.query_tiles_per_block(block_m);
+    w.begin = 0;
+    w.left = INT_MAX;
     return w;
   }
-  __device__ __forceinline__ Visit first() const { return settle({0, 0, m_begin}); }
+  __device__ __forceinline__ Visit first() const {
+    if (begin == 0) return settle({0, 0, m_begin, left});
+    const int per_head = m_end - m_begin;
+    return {begin / per_head, 0, m_begin + begin % per_head, left};
+  }
   __device__ __forceinline__ Visit next(Visit v) const {
+    if (--v.left == 0) return {group, 0, -1, 0};
     ++v.m;
     return settle(v);
   }
@@ -75,7 +87,7 @@ struct BwdWalk {
       const BlockList blocks = sparse.queries_of(kv_head * group + v.g, k_block);
       if ((v.m = blocks.tile_from(v.m, m_end, tiles_per_block, v.at)) >= 0) return v;
     }
-    return {group, 0, -1};
+    return {group, 0, -1, 0};
   }
 };
 
@@ -195,19 +207,22 @@ struct BwdSmem {
 // the current one's last loads (BwdKeyBlocks::claim) and hands it to the other
 // roles through two shared-memory slots; its first loads then overlap the
 // current one's last products and dK/dV stores. Otherwise a block takes the
-// one key block its index names. Every role walks them alike, the claimer
-// with kClaims:
-//   for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) ...
+// one key block its index names (with K::kSplits, through BwdSplit: all of
+// it, or a run of its steps). Every role walks them alike, the claimer with
+// kClaims:
+//   for (BwdKeyBlocks<K, kPersistent> blocks(args, sm); blocks.more(); blocks.next()) ...
 // Persistent blocks serve block-sparse masks only (kPersistentBwd).
 template <typename K, bool kPersistent, bool kClaims = false>
 struct BwdKeyBlocks {
   const BwdParams& p;
+  const BwdSplit& split;
   const BwdSmem<K>& sm;
   int taken;  // key blocks taken before this one
   int2 claim;  // this one's place in K's order, and whether its walk is empty
 
-  __device__ __forceinline__ BwdKeyBlocks(const BwdParams& p_, const BwdSmem<K>& sm_)
-      : p(p_), sm(sm_), taken(0), claim(kPersistent ? take(0) : int2{0, 0}) {}
+  __device__ __forceinline__ BwdKeyBlocks(const BwdArgs& args, const BwdSmem<K>& sm_)
+      : p(args.p), split(args.split), sm(sm_), taken(0),
+        claim(kPersistent ? take(0) : int2{0, 0}) {}
   __device__ __forceinline__ bool more() const {
     return kPersistent ? claim.x < K::order(p).count() : taken == 0;
   }
@@ -216,11 +231,18 @@ struct BwdKeyBlocks {
     if (kPersistent) claim = take(taken);
   }
   __device__ __forceinline__ BlockIndex block() const {
-    return kPersistent ? K::order(p).at(claim.x) : K::order(p).block();
+    if constexpr (kPersistent) return K::order(p).at(claim.x);
+    if constexpr (K::kSplits) return K::order(p).at(split.block_of(blockIdx.x));
+    return K::order(p).block();
   }
   template <bool kSparse>
   __device__ __forceinline__ BwdWalk walk() const {
-    return BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
+    BwdWalk w = BwdWalk::of<kSparse>(p, block(), K::kBlockM, K::kBlockN);
+    if (!kPersistent && K::kSplits && split.shares(blockIdx.x)) {
+      w.begin = split.first_step(blockIdx.x);
+      w.left = split.end_step(blockIdx.x) - w.begin;
+    }
+    return w;
   }
   // Whether this key block visits no query block. Persistent blocks have it
   // from the claimer, so that the consumers need not read the mask's lists
@@ -274,7 +296,7 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
     int kv_loads = 0;
     KVSlots slots;
     // Claims the next key block once this one's last loads are issued.
-    for (BwdKeyBlocks<K, kPersistent, /*kClaims=*/true> blocks(p, sm); blocks.more();
+    for (BwdKeyBlocks<K, kPersistent, /*kClaims=*/true> blocks(args, sm); blocks.more();
          blocks.next()) {
       const BwdWalk walk = blocks.template walk<kSparse>();
       bool first = true;
@@ -321,7 +343,7 @@ __device__ __forceinline__ void bwd_produce(const BwdArgs& args, const BwdSmem<K
       if (kSlots && steps > 0) slots.next(steps);
     }
   } else if (warp == 1) {
-    for (BwdKeyBlocks<K, kPersistent> blocks(p, sm); blocks.more(); blocks.next()) {
+    for (BwdKeyBlocks<K, kPersistent> blocks(args, sm); blocks.more(); blocks.next()) {
       const BwdWalk walk = blocks.template walk<kSparse>();
       BwdWalk::Visit after;
       for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = after, ++step) {
@@ -356,7 +378,7 @@ template <typename K, bool kDeterministic, bool kSparse>
 __device__ __forceinline__ void bwd_add_dq(const BwdArgs& args, const BwdSmem<K>& sm) {
   int step = 0;
   constexpr bool kPersistent = kPersistentBwd<K, kDeterministic, kSparse>;
-  for (BwdKeyBlocks<K, kPersistent> blocks(args.p, sm); blocks.more(); blocks.next()) {
+  for (BwdKeyBlocks<K, kPersistent> blocks(args, sm); blocks.more(); blocks.next()) {
     const BwdWalk walk = blocks.template walk<kSparse>();
     [[maybe_unused]] const int key_block = blocks.block().tile;
     for (BwdWalk::Visit visit = walk.first(); !visit.done(); visit = walk.next(visit), ++step) {
@@ -409,8 +431,42 @@ __device__ __forceinline__ void bwd_producer_warpgroup(const BwdArgs& args, cons
   }
 }
 
-// The backward's three launches: the preprocess pass, `kernel` (K's build
-// kDeterministic, kSparse) and the dQ conversion.
+// After a kernel that shared key blocks (bwd_split.h): each shared key block's
+// dK (times the softmax scale) and dV from its fp32 sums, which hold
+// K::kSplitSlotFloats per key block: dK's kBlockN rows of kD, then dV's. One
+// thread per 8 columns of a row.
+template <typename T, int kD, typename K>
+__global__ void __launch_bounds__(256)
+    bwd_split_finish_kernel(const BwdParams p, const BwdSplit split, int shared) {
+  constexpr int kChunks = kD / 8;
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= int64_t(shared) * K::kSplitSlotFloats / 8) return;
+  const int chunk = int(i % kChunks);
+  const int64_t row_of_sums = i / kChunks;  // (key block, dK or dV, row)
+  const int row = int(row_of_sums % K::kBlockN);
+  const int grad = int(row_of_sums / K::kBlockN % 2);
+  const int slot = int(row_of_sums / (2 * K::kBlockN));
+  const BlockIndex bi = K::order(p).at(split.whole + slot);
+  const AttentionShape& sh = p.shape;
+  const int key = bi.tile * K::kBlockN + row;
+  if (key >= sh.seq_k) return;
+  const float4* src =
+      reinterpret_cast<const float4*>(p.dkv_partials + row_of_sums * kD) + 2 * chunk;
+  const float4 a = src[0], b = src[1];
+  const float s = grad == 0 ? p.softmax_scale : 1.f;
+  uint4 out;
+  out.x = pack2<T>(a.x * s, a.y * s);
+  out.y = pack2<T>(a.z * s, a.w * s);
+  out.z = pack2<T>(b.x * s, b.y * s);
+  out.w = pack2<T>(b.z * s, b.w * s);
+  T* dst = static_cast<T*>(grad == 0 ? p.dk : p.dv) +
+           ((int64_t(bi.batch) * sh.seq_k + key) * sh.kv_heads + bi.head) * kD + chunk * 8;
+  *reinterpret_cast<uint4*>(dst) = out;
+}
+
+// The backward's launches: the preprocess pass, `kernel` (K's build
+// kDeterministic, kSparse), the split key blocks' sums written out when there
+// are any, and the dQ conversion.
 template <typename T, int kD, typename K, bool kDeterministic, bool kSparse>
 cudaError_t launch_bwd_build(void (*kernel)(BwdArgs), const BwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -426,15 +482,32 @@ cudaError_t launch_bwd_build(void (*kernel)(BwdArgs), const BwdParams& p, cudaSt
   if ((err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   K::kSmemBytes)) != cudaSuccess)
     return err;
+  const int count = K::order(p).count();
   dim3 grid = K::order(p).grid();
+  int sms = 0;
+  if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
+    return err;
   if constexpr (kPersistentBwd<K, kDeterministic, kSparse>) {
-    int sms = 0;
-    if ((err = current_device_attribute<cudaDevAttrMultiProcessorCount>(&sms)) != cudaSuccess)
-      return err;
-    grid = dim3(std::min(K::order(p).count(), sms));
+    grid = dim3(std::min(count, sms));
+  } else if constexpr (K::kSplits) {
+    // Non-causal key blocks are all alike: the last wave's are shared.
+    if (!kDeterministic && !p.causal && p.dkv_partials != nullptr) {
+      const int steps = sh.heads / sh.kv_heads * ((sh.seq_q + K::kBlockM - 1) / K::kBlockM);
+      const int64_t slots = p.dkv_partial_floats / K::kSplitSlotFloats;
+      args.split = BwdSplit::plan(count, steps, sms, int(std::min<int64_t>(slots, INT_MAX)));
+    }
+    grid = dim3(args.split.grid(count));
   }
-  launch_bwd_preprocess<T, kD>(p, stream);
+  const int shared = args.split.shared_blocks(count);
+  int64_t sums = 0;  // floats of the shared key blocks' sums, zeroed by the preprocess pass
+  if constexpr (K::kSplits) sums = int64_t(shared) * K::kSplitSlotFloats;
+  launch_bwd_preprocess<T, kD>(p, stream, p.dkv_partials, sums);
   kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(args);
+  if constexpr (K::kSplits) {
+    if (shared > 0)
+      bwd_split_finish_kernel<T, kD, K>
+          <<<int((sums / 8 + 255) / 256), 256, 0, stream>>>(p, args.split, shared);
+  }
   launch_bwd_convert_dq<T, kD>(p, stream);
   return cudaGetLastError();
 }

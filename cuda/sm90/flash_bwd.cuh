@@ -1,8 +1,10 @@
 // FlashAttention backward on Hopper, between the preprocess and dQ-convert
 // passes of bwd_passes.cuh. With a block-sparse mask a persistent kernel:
 // each block takes key blocks (128 keys of a kv head and batch) in turn
-// (BwdKeyBlocks, kPersistentBwd); otherwise one block per key block. For
-// each, K and V are loaded once by TMA; the block walks the query blocks of
+// (BwdKeyBlocks, kPersistentBwd); otherwise one block per key block, except
+// that non-causal key blocks of a last, partly idle wave are shared by several
+// blocks, each taking a run of their query blocks (bwd_split.h). For each,
+// K and V are loaded once by TMA; the block walks the query blocks of
 // every query head of its GQA group (so the group's dK/dV are summed in
 // registers), with Q and dO arriving by TMA and lse/delta by one producer warp
 // through a ring of kStages buffers. Two consumer warpgroups each own 64 of the keys:
@@ -38,6 +40,11 @@ struct BwdKernel {
   static constexpr int kBlockM = Tile::kBlockM, kStages = Tile::kStages;
   static constexpr int kBlockN = 128;  // two consumer warpgroups of 64 keys
   static constexpr bool kPersistent = true;
+  // Blocks of threads take key blocks through BwdSplit (bwd_split.h): the
+  // dense backward shares the last wave's non-causal key blocks, whose fp32
+  // dK/dV sums take kSplitSlotFloats each.
+  static constexpr bool kSplits = true;
+  static constexpr int kSplitSlotFloats = 2 * kBlockN * kD;
   static constexpr int kThreads = 384;
   static constexpr int kPanels = kD / 64;
   static constexpr int kKVBytes = kBlockN * kD * 2;
@@ -314,10 +321,12 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
   // As few values as possible live across the steps: the consumers' registers
   // are all taken (spills there cost every step).
   const TensorCoreTurns<2, 9> turns{consumer};
+  constexpr bool kSplitBuild = K::kSplits && !kDeterministic && !kSparse;  // bwd_split.h
+
   int gstep = 0, kv_loads = 0;  // steps and K/V loads of every key block so far
   // This key block's K and V free again, for the next K/V load (lane 0 of each warp).
   auto arrive_kv_free = [&] { mbar_arrive(sm.empty_kv(kSlots ? (kv_loads - 1) & 1 : 0)); };
-  for (BwdKeyBlocks<K, kPersistentBwd<K, kDeterministic, kSparse>> blocks(p, sm); blocks.more();
+  for (BwdKeyBlocks<K, kPersistentBwd<K, kDeterministic, kSparse>> blocks(args, sm); blocks.more();
        blocks.next()) {
     const int n0 = blocks.block().tile * kBlockN;
     // The steps' query blocks come with their stages (BwdSmem::visit).
@@ -475,8 +484,27 @@ __global__ void __launch_bounds__(BwdKernel<T, kD>::kThreads, 1)
         (K::kEpilogueOwnSmem ? smem + K::kEpilogueOffset + consumer * 4 * 512
                              : kv_smem + (sV - sK) + consumer * 64 * 128) +
         (warp & 3) * 512;
+    // A run of a shared key block (bwd_split.h) adds its partial sums to the
+    // key block's, unscaled; a pass after the kernel writes them out.
+    const bool shared = kSplitBuild && args.split.shares(blockIdx.x);
+    if (shared) {
+      float* sums = p.dkv_partials +
+                    int64_t(args.split.block_of(blockIdx.x) - args.split.whole) *
+                        K::kSplitSlotFloats;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < 2; ++h) {
+        const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
+#pragma unroll
+        for (int nt = 0; nt < K::AccKV::kNT; ++nt) {
+          const int col = K::AccKV::col(nt, 0, lane);
+          atomic_add_f32x2(sums + row * kD + col, dk.x[0][nt][2 * h], dk.x[0][nt][2 * h + 1]);
+          atomic_add_f32x2(sums + (kBlockN + row) * kD + col, dv.x[0][nt][2 * h],
+                           dv.x[0][nt][2 * h + 1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2 && !shared; ++h) {
       const int row = key_row0 + K::AccKV::row(0, 2 * h, lane);
       const bool store = n0 + row < sh.seq_k;
       store_grad_rows(dk_out + row * kv_row_stride, dk, h, p.softmax_scale, later, store, scratch,

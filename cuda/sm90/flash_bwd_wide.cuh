@@ -55,8 +55,8 @@ struct BwdWideKernel {
   static constexpr int kDQBarriers = 2 * kStages;  // per stage and warpgroup: dQ^T staged
   static constexpr int kSmemBytes =
       kBarOffset + bwd_smem_tail_bytes(kStages, kDQBarriers) + 1024;  // BwdSmem
-  // One block per key block (BwdKeyBlocks).
-  static constexpr bool kPersistent = false;
+  // One block per key block (BwdKeyBlocks), never shared (bwd_split.h).
+  static constexpr bool kPersistent = false, kSplits = false;
   static constexpr bool kKVSlots = false;  // KVSlots
   static constexpr int kStageReleases = 2;  // the dQ adder, once per warpgroup's dQ^T
 
