@@ -272,16 +272,16 @@ _DQ_TURN_ROWS = 64
 # idle in its last wave among several blocks of threads, which add their
 # partial dK/dV to fp32 sums of the key block's (cuda/sm90/bwd_split.h): room
 # for the sums of up to _SPLIT_SLOTS key blocks of _SPLIT_KEYS keys, fewer
-# than an SM count and no more than there are key blocks. Only the
+# than an SM count and no more than there are key blocks. Only the plain
 # non-causal, non-deterministic backward at head_dim <= 128 shares; other
-# calls get no room.
+# calls (variants run other kernels or builds) get no room.
 _SPLIT_SLOTS = 132  # the SMs of an H100 or H200
 _SPLIT_KEYS = 128
 
 
 def _split_slots(batch: int, seq_k: int, kv_heads: int, *, causal: bool,
-                 deterministic: bool, head_dim: int) -> int:
-  if causal or deterministic or head_dim > 128:
+                 deterministic: bool, head_dim: int, variant: Variant) -> int:
+  if causal or deterministic or head_dim > 128 or variant.features:
     return 0
   return min(_SPLIT_SLOTS, batch * kv_heads * -(-seq_k // _SPLIT_KEYS))
 
@@ -298,7 +298,7 @@ def backward(q, k, v, out, lse, dout, dlse, extras=None, *,
   extras = extras or {}
   operands, attrs = _variant_operands(variant, extras, b, h)
   slots = _split_slots(b, sk, hk, causal=causal, deterministic=deterministic,
-                       head_dim=dp)
+                       head_dim=dp, variant=variant)
   dq, dk, dv, _, _, _, dslopes, _ = jax.ffi.ffi_call(
       "jax_flash_bwd",
       (jax.ShapeDtypeStruct((b, sq, h, dp), q.dtype),

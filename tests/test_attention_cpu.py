@@ -473,6 +473,24 @@ class BackendChoiceTest(absltest.TestCase):
     self.assertIn("jax_flash_bwd", text)
     self.assertNotIn("stablehlo.while", text)
 
+  def test_lowering_sizes_the_shared_key_blocks_sums(self):
+    # The sm90 backward's workspace for the sums of shared key blocks
+    # (cuda/sm90/bwd_split.h): one 2 x 128 x head_dim slot per key block, up to
+    # _SPLIT_SLOTS, for the plain non-causal backward only.
+    batch, seq_k, kv_heads, _ = self.k.shape
+    key_blocks = batch * kv_heads * -(-seq_k // 128)
+
+    def sums_type(slots):
+      return f"tensor<{slots}x2x128x64xf32>"
+
+    for causal, slots in ((False, key_blocks), (True, 0)):
+      fn = functools.partial(_grads, functools.partial(
+          jax_flash.flash_attention, causal=causal, return_lse=True))
+      self.assertIn(sums_type(slots), self.lowered_text(fn, "cuda"), causal)
+    softcapped = functools.partial(_grads, functools.partial(
+        jax_flash.flash_attention, softcap=30.0, return_lse=True))
+    self.assertIn(sums_type(0), self.lowered_text(softcapped, "cuda"))
+
   def test_sequence_beyond_the_kernels_takes_the_portable_path_on_cuda(self):
     spec = jax.ShapeDtypeStruct((1, _cuda.MAX_SEQ + 64, 1, 64), BF16)
     text = jax.jit(jax_flash.flash_attention).trace(spec, spec, spec).lower(
