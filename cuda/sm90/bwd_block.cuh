@@ -490,8 +490,10 @@ cudaError_t launch_bwd_build(void (*kernel)(BwdArgs), const BwdParams& p, cudaSt
   if constexpr (kPersistentBwd<K, kDeterministic, kSparse>) {
     grid = dim3(std::min(count, sms));
   } else if constexpr (K::kSplits) {
-    // Non-causal key blocks are all alike: the last wave's are shared.
-    if (!kDeterministic && !p.causal && p.dkv_partials != nullptr) {
+    // Key blocks without a causal mask or window visit every query block
+    // alike (BwdWalk): the last wave's are shared.
+    if (!kDeterministic && !p.causal && p.window_left < 0 && p.window_right < 0 &&
+        p.dkv_partials != nullptr) {
       const int steps = sh.heads / sh.kv_heads * ((sh.seq_q + K::kBlockM - 1) / K::kBlockM);
       const int64_t slots = p.dkv_partial_floats / K::kSplitSlotFloats;
       args.split = BwdSplit::plan(count, steps, sms, int(std::min<int64_t>(slots, INT_MAX)));
