@@ -450,18 +450,10 @@ __global__ void __launch_bounds__(256)
   const AttentionShape& sh = p.shape;
   const int key = bi.tile * K::kBlockN + row;
   if (key >= sh.seq_k) return;
-  const float4* src =
-      reinterpret_cast<const float4*>(p.dkv_partials + row_of_sums * kD) + 2 * chunk;
-  const float4 a = src[0], b = src[1];
-  const float s = grad == 0 ? p.softmax_scale : 1.f;
-  uint4 out;
-  out.x = pack2<T>(a.x * s, a.y * s);
-  out.y = pack2<T>(a.z * s, a.w * s);
-  out.z = pack2<T>(b.x * s, b.y * s);
-  out.w = pack2<T>(b.z * s, b.w * s);
   T* dst = static_cast<T*>(grad == 0 ? p.dk : p.dv) +
            ((int64_t(bi.batch) * sh.seq_k + key) * sh.kv_heads + bi.head) * kD + chunk * 8;
-  *reinterpret_cast<uint4*>(dst) = out;
+  *reinterpret_cast<uint4*>(dst) = scaled_chunk<T>(p.dkv_partials + row_of_sums * kD + chunk * 8,
+                                                   grad == 0 ? p.softmax_scale : 1.f);
 }
 
 // The backward's launches: the preprocess pass, `kernel` (K's build
