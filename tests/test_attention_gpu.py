@@ -226,6 +226,26 @@ class CudaMatchesReferenceTest(parameterized.TestCase):
     self._check_against_reference(causal=False, **case)
 
   @parameterized.named_parameters(
+      # On sm90 the head_dim 64 forward's tiles are 192 rows, three warpgroups
+      # of 64, each passing its turns at the key blocks none of its rows see.
+      # 1000 rows: the first tile starts 152 rows before 0, so two warpgroups
+      # pass every key block.
+      dict(testcase_name="_rows_before_0_full", seq_q=1000, seq_k=1000,
+           causal=False, dtype="bf16"),
+      # Causal, 2048: tiles from row -64 in steps of 192 over blocks of 128
+      # keys; warpgroups pass 0, 1 or 2 leading key blocks.
+      dict(testcase_name="_causal_diagonal", seq_q=2048, seq_k=2048,
+           causal=True, dtype="f16"),
+      # Causal, more queries than keys: the tile from row 316 sees one key
+      # block, which its first warpgroup's rows (none sees a key) pass.
+      dict(testcase_name="_causal_rows_without_keys", seq_q=700, seq_k=300,
+           causal=True, dtype="bf16"),
+  )
+  def test_warpgroups_pass_key_blocks_their_rows_do_not_see(self, **case):
+    self._check_against_reference(batch=2, heads=4, kv_heads=2, head_dim=64,
+                                  **case)
+
+  @parameterized.named_parameters(
       dict(testcase_name="_d64_full", head_dim=64, causal=False, scale=0.3),
       dict(testcase_name="_d59_causal", head_dim=59, causal=True, scale=1.7),
   )

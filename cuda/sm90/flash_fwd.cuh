@@ -337,6 +337,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
   // offset / 16, the other buffer its own.
   const uint64_t q_desc = sw128_desc(sQ(0) + consumer * 64 * 128, 16);
   const TensorCoreTurns<K::kConsumers> turns{consumer};
+  // The end (in key blocks) of the keys this warpgroup's 64 rows of the tile
+  // from m0 see: 0 when all its rows lie before 0.
+  auto wg_key_blocks_end = [&](int m0) {
+    const int r0 = m0 + consumer * 64, first = max(r0, 0);
+    return r0 + 64 <= 0 ? 0 : (mask.key_end(first, r0 + 64 - first) + kBlockN - 1) / kBlockN;
+  };
 
   typename K::AccS acc_s;
   typename K::AccO o;
@@ -419,39 +425,67 @@ __global__ void __launch_bounds__(FwdKernel<T, kD, kArrays>::kThreads, 1)
     if (n_blocks > 0) {
       if (!took_turns) turns.begin();
       took_turns = true;
-      mbar_wait(full_q(q_tiles), q_phase(q_tiles));
-      turns.wait();
-      const int first_n0 = issue_qk(it, q_tiles);
-      turns.pass();
-      wgmma_wait<0>();
-      pin_registers(s_regs);
-      release(empty_k(it % kStages));
-      if (n_blocks == 1) release(empty_q(q_tiles));
-      softmax_step(0, first_n0);
-      accum_to_a_frags<T>(p_frags, acc_s);
-      for (int i = 1; i < n_blocks; ++i) {
+      // The tile's first key blocks (its last keys) that none of this
+      // warpgroup's rows see, under a causal mask or a window, or all of them
+      // for rows before 0: the warpgroup passes its turns there and frees the
+      // buffers unread, so the others' products and softmax have the SM.
+      // (Broadcast from lane 0, so that the compiler sees the loops' bounds as
+      // uniform: with a bound it took as divergent it moved the products'
+      // descriptors out of uniform registers.)
+      const int skip = K::kSparse ? 0
+                                  : __shfl_sync(~0u, min(max(keys.y - wg_key_blocks_end(m0), 0),
+                                                         n_blocks), 0);
+      for (int i = 0; i < skip; ++i) {
         turns.wait();
-        const int n0 = issue_qk(it + i, q_tiles);
-        OnlineSoftmax<1>::rescale(o, alpha);
-        issue_pv(it + i - 1);
         turns.pass();
-        wgmma_wait<1>();
+        const int s = (it + i) % kStages;
+        const uint32_t phase = ((it + i) / kStages) & 1;
+        mbar_wait(full_k(s), phase);
+        release(empty_k(s));
+        mbar_wait(full_v(s), phase);
+        release(empty_v(s));
+      }
+      mbar_wait(full_q(q_tiles), q_phase(q_tiles));
+      if (skip == n_blocks) {
+        // Every warpgroup takes n_blocks + 1 turns a tile: this one's last
+        // (that of the last P V) passes too.
+        turns.wait();
+        turns.pass();
+        release(empty_q(q_tiles));
+      } else {
+        turns.wait();
+        const int first_n0 = issue_qk(it + skip, q_tiles);
+        turns.pass();
+        wgmma_wait<0>();
         pin_registers(s_regs);
-        release(empty_k((it + i) % kStages));
-        if (i == n_blocks - 1) release(empty_q(q_tiles));
-        softmax_step(i, n0);
+        release(empty_k((it + skip) % kStages));
+        if (skip == n_blocks - 1) release(empty_q(q_tiles));
+        softmax_step(skip, first_n0);
+        accum_to_a_frags<T>(p_frags, acc_s);
+        for (int i = skip + 1; i < n_blocks; ++i) {
+          turns.wait();
+          const int n0 = issue_qk(it + i, q_tiles);
+          OnlineSoftmax<1>::rescale(o, alpha);
+          issue_pv(it + i - 1);
+          turns.pass();
+          wgmma_wait<1>();
+          pin_registers(s_regs);
+          release(empty_k((it + i) % kStages));
+          if (i == n_blocks - 1) release(empty_q(q_tiles));
+          softmax_step(i, n0);
+          wgmma_wait<0>();
+          pin_registers(o_regs);
+          release(empty_v((it + i - 1) % kStages));
+          accum_to_a_frags<T>(p_frags, acc_s);
+        }
+        OnlineSoftmax<1>::rescale(o, alpha);
+        turns.wait();
+        issue_pv(it + n_blocks - 1);
+        turns.pass();
         wgmma_wait<0>();
         pin_registers(o_regs);
-        release(empty_v((it + i - 1) % kStages));
-        accum_to_a_frags<T>(p_frags, acc_s);
+        release(empty_v((it + n_blocks - 1) % kStages));
       }
-      OnlineSoftmax<1>::rescale(o, alpha);
-      turns.wait();
-      issue_pv(it + n_blocks - 1);
-      turns.pass();
-      wgmma_wait<0>();
-      pin_registers(o_regs);
-      release(empty_v((it + n_blocks - 1) % kStages));
       it += n_blocks;
       ++q_tiles;
     }
