@@ -12,8 +12,8 @@
 // operands in shared memory, mask and online softmax in registers, then
 // O += P V with P straight from registers; each writes its rows of O from
 // registers and moves on. Key blocks are visited from last to first, so the
-// masked ones come first; with a block-sparse mask only those of the blocks it
-// has on.
+// masked ones come first, and a warpgroup passes those that none of its rows
+// see; with a block-sparse mask only those of the blocks it has on.
 #pragma once
 
 #include <cuda_runtime.h>
