@@ -243,8 +243,8 @@ class _Extras:
     if v.block_size:
       blocks = extras["block_mask"]
       b, h, nq, nk = blocks.shape
-      groups = h // num_kv_heads if h > 1 else 1
-      self.blocks = blocks.reshape(b, h // groups, groups, nq, nk)
+      mask_groups = h // num_kv_heads if h > 1 else 1
+      self.blocks = blocks.reshape(b, h // mask_groups, mask_groups, nq, nk)
       # Tile (i, j) runs when some block it overlaps is on, for some batch
       # row and head: cover[i, r] says whether tile i overlaps block r.
       # (From iota, not NumPy: a partitioned op may close over no constants.)

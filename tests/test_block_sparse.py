@@ -162,6 +162,27 @@ class BlockSparseMatchesReferenceTest(parameterized.TestCase):
                                   alibi_slopes=jnp.linspace(0.1, 0.4, 4),
                                   segment_ids=(ids, ids))
 
+  @parameterized.named_parameters(("gqa", 2), ("mqa", 1))
+  def test_a_mask_for_all_heads_combines_with_dropout_under_grouped_heads(self,
+                                                                        num_kv_heads):
+    """The mask's head grouping (one group of every head) and dropout's head
+    numbering (the kv heads' groups of query heads) are kept apart."""
+    q, k, v, dout, dlse = util.random_inputs(7, batch=2, seq_q=64, seq_k=64, num_heads=4,
+                                             num_kv_heads=num_kv_heads, head_dim=16,
+                                             dtype=F32)
+    m = BlockSparseMask.random(jax.random.key(4), 0.6, 64, 64, block_size=(16, 16))
+    rng, rate = jax.random.key(3), 0.2
+
+    def attention(q, k, v, mask=None, dropout_mask=None, **kwargs):
+      del mask, dropout_mask
+      return portable(q, k, v, block_mask=m, dropout_rng=rng, **kwargs)
+
+    util.assert_matches_reference(
+        attention, q, k, v, dout, dlse, causal=False, mask=m.dense(64, 64),
+        dropout_rate=rate,
+        dropout_mask=jax_flash.dropout_mask(rng, rate, batch=2, num_heads=4, seq_q=64,
+                                            seq_k=64))
+
   def test_rows_whose_blocks_are_all_off_give_zero_and_finite_grads(self):
     q, k, v, dout, _ = util.random_inputs(7, batch=1, seq_q=48, seq_k=48, num_heads=2,
                                           num_kv_heads=2, head_dim=8, dtype=F32)
