@@ -100,8 +100,30 @@ def flash_attention(query, key, value, *, causal: bool = False,
       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
       segment_ids=segment_ids, mask=mask, bias=bias, block_mask=block_mask,
       dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-  out, lse = _attention(query, key, value, extras, plan)
+  out, lse = _on_auto_axes(query, key, value, extras, plan)
   return (out, lse) if return_lse else out
+
+
+def _on_auto_axes(query, key, value, extras, plan):
+  """`_attention`, with the mesh axes that shard the inputs explicitly
+  (`jax.make_mesh`'s default axis type) made auto for the call.
+
+  Under explicit axes every op must derive its output's sharding from its
+  inputs', which the portable path's reshapes and the kernels' partitioning
+  rules are not written for; with auto axes XLA's partitioner and
+  `partition`'s rules place the work. The results are typed as sharded like
+  the query over batch, sequence and heads (lse [batch, heads, seq]).
+  """
+  mesh = next((jax.typeof(x).sharding.mesh for x in (query, key, value)
+               if jax.typeof(x).sharding.mesh.explicit_axes), None)
+  if mesh is None:
+    return _attention(query, key, value, extras, plan)
+  batch, seq, heads = (tuple(jax.typeof(query).sharding.spec) + (None,) * 3)[:3]
+  shardings = (jax.NamedSharding(mesh, jax.P(batch, seq, heads, None)),
+               jax.NamedSharding(mesh, jax.P(batch, heads, seq)))
+  run = jax.sharding.auto_axes(lambda q, k, v, e: _attention(q, k, v, e, plan),
+                               out_sharding=shardings)
+  return run(query, key, value, extras)
 
 
 @dataclasses.dataclass(frozen=True)
