@@ -328,10 +328,7 @@ class BlockSparseArgumentsTest(parameterized.TestCase):
 class ShardedBlockSparseTest(absltest.TestCase):
 
   def test_batch_and_head_split_equals_the_unsharded_call(self):
-    devices = util.mesh_devices()[:8]
-    shape = (2, len(devices) // 2) if len(devices) >= 4 else (1, len(devices))
-    mesh = jax.make_mesh(shape, ("data", "model"), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = util.mesh_2x4()
     q, k, v, dout, _ = util.random_inputs(10, batch=4, seq_q=64, seq_k=64, num_heads=8,
                                           num_kv_heads=4, head_dim=8, dtype=F32)
     m = BlockSparseMask.random(jax.random.key(2), 0.5, 64, 64, shape=(8,),

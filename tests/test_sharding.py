@@ -20,15 +20,6 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 setUpModule, tearDownModule = util.pin_float32_precision()
 
 
-def mesh_2x4():
-  """A ("data", "model") mesh of 2 x 4 devices (2 x 2 on 4, 1 x 2 on 2: the
-  "model" axis splits heads and sequences, which need it the most)."""
-  devices = util.mesh_devices()[:8]
-  shape = (2, len(devices) // 2) if len(devices) >= 4 else (1, len(devices))
-  return jax.make_mesh(shape, ("data", "model"), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
 def sharded_attention(mesh, q_spec, kv_spec, **fixed):
   """flash_attention with q placed by q_spec and k, v by kv_spec (inside the
   caller's jit, a sharding constraint)."""
@@ -73,13 +64,13 @@ class BatchAndHeadShardingTest(parameterized.TestCase):
     q, k, v, dout, dlse = util.random_inputs(
         1, batch=8, seq_q=40, seq_k=40, num_heads=num_heads,
         num_kv_heads=num_kv_heads, head_dim=64, dtype=DTYPES[dtype])
-    attention = sharded_attention(mesh_2x4(), q_spec, kv_spec)
+    attention = sharded_attention(util.mesh_2x4(), q_spec, kv_spec)
     util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=True)
     found = collectives(compiled_text(attention, q, k, v, dout, dlse, causal=True))
     self.assertEqual(found, dict.fromkeys(found, 0))
 
   def test_results_keep_the_inputs_sharding(self):
-    mesh = mesh_2x4()
+    mesh = util.mesh_2x4()
     spec = P("data", None, "model")
     q, k, v, _, _ = util.random_inputs(2, batch=4, seq_q=32, seq_k=32, num_heads=8,
                                        num_kv_heads=4, head_dim=8, dtype=F32)
@@ -93,7 +84,7 @@ class BatchAndHeadShardingTest(parameterized.TestCase):
     q, k, v, dout, dlse = util.random_inputs(3, batch=2, seq_q=32, seq_k=32,
                                              num_heads=8, num_kv_heads=1,
                                              head_dim=16, dtype=F32)
-    attention = sharded_attention(mesh_2x4(), P("data", None, "model"), P("data"))
+    attention = sharded_attention(util.mesh_2x4(), P("data", None, "model"), P("data"))
     util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=False)
     found = collectives(compiled_text(attention, q, k, v, dout, dlse))
     # dK/dV of the shared head are summed over the head shards; nothing else.
@@ -103,7 +94,7 @@ class BatchAndHeadShardingTest(parameterized.TestCase):
   def test_variants_equal_the_unsharded_call(self):
     """Dropout numbers rows and heads as in the whole call; ALiBi slopes and
     the bias follow the heads, their gradients summed over the batch shards."""
-    mesh = mesh_2x4()
+    mesh = util.mesh_2x4()
     q, k, v, dout, dlse = util.random_inputs(4, batch=4, seq_q=48, seq_k=48,
                                              num_heads=8, num_kv_heads=4,
                                              head_dim=16, dtype=F32)
@@ -129,7 +120,7 @@ class BatchAndHeadShardingTest(parameterized.TestCase):
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
 
   def test_vmap_of_a_sharded_call_equals_a_loop(self):
-    mesh = mesh_2x4()
+    mesh = util.mesh_2x4()
     q, k, v, _, _ = util.random_inputs(7, batch=4, seq_q=16, seq_k=16, num_heads=8,
                                        num_kv_heads=4, head_dim=8, dtype=F32)
     attention = sharded_attention(mesh, P("data", None, "model"), P("data", None, "model"),
@@ -157,7 +148,7 @@ class SequenceShardingTest(parameterized.TestCase):
                                              num_kv_heads=num_kv_heads, head_dim=64,
                                              dtype=dtype)
     spec = P("data", "model")
-    attention = sharded_attention(mesh_2x4(), spec, spec)
+    attention = sharded_attention(util.mesh_2x4(), spec, spec)
     util.assert_matches_reference(attention, q, k, v, dout, dlse, causal=causal,
                                   **variant)
     found = collectives(compiled_text(attention, q, k, v, dout, dlse, causal=causal,
@@ -166,7 +157,7 @@ class SequenceShardingTest(parameterized.TestCase):
     self.assertEqual(found["all-gather"] + found["all-to-all"], 0)
 
   def test_split_sequence_with_segments_and_dropout_equals_unsharded(self):
-    mesh = mesh_2x4()
+    mesh = util.mesh_2x4()
     q, k, v, _, _ = util.random_inputs(9, batch=2, seq_q=64, seq_k=64, num_heads=4,
                                        num_kv_heads=2, head_dim=8, dtype=F32)
     ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 16)[None].repeat(2, 0)
@@ -194,10 +185,7 @@ class ExplicitAxesTest(parameterized.TestCase):
       ("sequence", P("data", "model"), 1, {}),
   )
   def test_results_and_gradients_equal_unsharded(self, spec, permutes, variant):
-    devices = util.mesh_devices()[:8]
-    shape = (2, len(devices) // 2) if len(devices) >= 4 else (1, len(devices))
-    mesh = jax.make_mesh(shape, ("data", "model"), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    mesh = util.mesh_2x4(jax.sharding.AxisType.Explicit)
     q, k, v, dout, dlse = util.random_inputs(11, batch=4, seq_q=64, seq_k=64, num_heads=8,
                                              num_kv_heads=4, head_dim=16, dtype=F32)
     kwargs = dict(causal=True, return_lse=True)
@@ -237,7 +225,7 @@ class ShardingErrorsTest(parameterized.TestCase):
        "does not divide the 3 key/value heads"),
   )
   def test_what_cannot_be_split_says_so(self, q_spec, kv_spec, message):
-    mesh = mesh_2x4()
+    mesh = util.mesh_2x4()
     # 3 K/V heads, query heads a multiple of 3 and of the "model" axis.
     q, k, v, _, _ = util.random_inputs(10, batch=2, seq_q=32, seq_k=32,
                                        num_heads=3 * mesh.shape["model"],

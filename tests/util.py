@@ -118,6 +118,15 @@ def mesh_devices():
   return devices if len(devices) > 1 else jax.devices("cpu")
 
 
+def mesh_2x4(axis_type=jax.sharding.AxisType.Auto):
+  """A ("data", "model") mesh of 2 x 4 of `mesh_devices` (2 x 2 on 4, 1 x 2 on
+  2: the "model" axis splits heads and sequences, which need it the most)."""
+  devices = mesh_devices()[:8]
+  shape = (2, len(devices) // 2) if len(devices) >= 4 else (1, len(devices))
+  return jax.make_mesh(shape, ("data", "model"), devices=devices,
+                       axis_types=(axis_type,) * 2)
+
+
 def pin_float32_precision():
   """(setUpModule, tearDownModule) for a test module whose float32 cases are
   held to float32's error: float32 products at float32 precision on every
