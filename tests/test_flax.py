@@ -87,6 +87,30 @@ class LinenAttentionFnTest(parameterized.TestCase):
     params = ref.init(jax.random.key(1), q, kv)
     _close(self, ours.apply(params, q, kv), ref.apply(params, q, kv))
 
+  def test_causal_rows_without_keys_equal_flax_with_the_mask_on_both_paths(self):
+    """More queries than keys: causal (bottom-right) hides every key from the
+    first rows, which Flax's masked softmax makes the mean of V."""
+    q, k, v = (jax.random.normal(jax.random.key(s), (BATCH, n, HEADS, 8), jnp.float32)
+               for s, n in ((30, 12), (31, 5), (32, 5)))
+    mask = (jnp.arange(5)[None, :] <= jnp.arange(12)[:, None] + 5 - 12)[None, None]
+    want = nn.dot_product_attention(q, k, v, mask=mask)
+    with mock.patch.object(_core, "flash", wraps=_core.flash) as flash:
+      _close(self, jf.attention_fn(q, k, v, causal=True), want)
+    self.assertTrue(flash.called)
+    _close(self, jf.attention_fn(q, k, v, causal=True, mask=jnp.ones((12, 5), bool)), want)
+    grad = lambda f: jax.grad(lambda v: jnp.sum(jnp.sin(f(v))))(v)
+    _close(self, grad(lambda v: jf.attention_fn(q, k, v, causal=True)),
+           grad(lambda v: nn.dot_product_attention(q, k, v, mask=mask)))
+
+  def test_force_fp32_for_softmax_gives_flax_float32_on_the_kernels(self):
+    q, k, v = (jax.random.normal(jax.random.key(s), (BATCH, 16, HEADS, 8), jnp.bfloat16)
+               for s in (33, 34, 35))
+    want = nn.dot_product_attention(q, k, v, force_fp32_for_softmax=True)
+    got = jf.attention_fn(q, k, v, force_fp32_for_softmax=True)
+    self.assertEqual(got.dtype, want.dtype)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=2e-2)
+    self.assertEqual(jf.attention_fn(q, k, v).dtype, jnp.bfloat16)
+
   def test_extra_batch_dims_and_none(self):
     ref, ours = self._layers()
     for x in (_x(5, (2, 3, LENGTH, FEATURES)), _x(6, (LENGTH, FEATURES))):
@@ -255,6 +279,11 @@ class NnxTest(parameterized.TestCase):
     _close(self, our_params, ref_params)
     x = _x(21)
     _close(self, ours(x), ref(x, is_causal=True))
+
+  def test_module_refuses_another_attention_fn(self):
+    with self.assertRaisesRegex(ValueError, "no other attention_fn"):
+      jf.nnx.FlashMultiHeadAttention(num_heads=HEADS, in_features=FEATURES, decode=False,
+                                     rngs=nnx.Rngs(0), attention_fn=nnx.dot_product_attention)
 
   def test_module_decodes_token_by_token(self):
     layer = jf.nnx.FlashMultiHeadAttention(num_heads=HEADS, in_features=FEATURES,

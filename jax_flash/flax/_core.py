@@ -39,6 +39,26 @@ def flash(query, key, value, *, causal: bool, implementation, window_size=None):
   return out.reshape(batch_shape + out.shape[-3:])
 
 
+def _hidden_rows_as_flax(out, value, *, q_offset: int, causal: bool, window_size):
+  """The kernels' out with the rows that see no key as Flax gives them.
+
+  With more queries than keys (q_offset < 0), bottom-right aligned causal or
+  window bounds hide every key from the first rows. The kernels give those rows
+  0; Flax's masked softmax (scores at the dtype's minimum, not -inf) weighs every
+  key alike, so they are the mean of V. The rows are known from the shapes.
+  """
+  right = 0 if causal else (window_size[1] if window_size is not None else None)
+  if right is None or right < 0:
+    return out
+  rows = min(out.shape[-3], -(q_offset + right))
+  if rows <= 0:
+    return out
+  group = out.shape[-2] // value.shape[-2]
+  mean = jnp.repeat(value.astype(jnp.float32).mean(axis=-3), group, axis=-2)
+  mean = jnp.broadcast_to(mean[..., None, :, :], out.shape[:-3] + (rows,) + out.shape[-2:])
+  return lax.dynamic_update_slice_in_dim(out, mean.astype(out.dtype), 0, axis=-3)
+
+
 def repeat_kv_heads(query, key, value):
   """K/V with one head per query head, for fallbacks that do not take GQA."""
   group = query.shape[-2] // key.shape[-2]
@@ -181,8 +201,10 @@ def attend(query, key, value, *, mask, causal: bool, window_size, q_offset,
   if window_size is not None and not bottom_right:
     reasons.append("a sliding window at a run-time position (decoding)")
   if not reasons:
-    return flash(query, key, value, causal=causal, implementation=implementation,
-                 window_size=window_size)
+    out = flash(query, key, value, causal=causal, implementation=implementation,
+                window_size=window_size)
+    return _hidden_rows_as_flax(out, value, q_offset=q_offset, causal=causal,
+                                window_size=window_size)
   if not allow_fallback:
     raise ValueError("jax_flash.flax: this call needs the plain attention fallback "
                      f"(it has {', '.join(reasons)}) but allow_fallback=False")

@@ -35,8 +35,10 @@ def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: boo
   weights (`module`), a `precision`, or custom einsums instead go to Flax's own
   `dot_product_attention` (materializes the scores: memory quadratic in length);
   `allow_fallback=False` makes that an error. `force_fp32_for_softmax` holds on
-  both paths (the kernels' softmax is fp32). `causal` is bottom-right aligned
-  when q_length != kv_length and combines with a mask.
+  both paths: the kernels' softmax is fp32, and the result is float32, as Flax's
+  is then. `causal` is bottom-right aligned when q_length != kv_length and
+  combines with a mask; rows it leaves without a key (q_length > kv_length) are
+  the mean of V, as with Flax's masks.
   """
   return _attend(query, key, value, bias=bias, mask=mask, broadcast_dropout=broadcast_dropout,
                  dropout_rng=dropout_rng, dropout_rate=dropout_rate,
@@ -70,16 +72,19 @@ def _attend(query, key, value, *, bias, mask, broadcast_dropout, dropout_rng, dr
         qk_attn_weights_einsum=qk_attn_weights_einsum,
         attn_weights_value_einsum=attn_weights_value_einsum)
 
-  return _core.attend(query, key, value, mask=mask, causal=causal, window_size=window_size,
-                      q_offset=q_offset, fallback=fallback, fallback_reasons=reasons,
-                      implementation=implementation, allow_fallback=allow_fallback)
+  out = _core.attend(query, key, value, mask=mask, causal=causal, window_size=window_size,
+                     q_offset=q_offset, fallback=fallback, fallback_reasons=reasons,
+                     implementation=implementation, allow_fallback=allow_fallback)
+  # Flax's weights are float32 then, and so is their product with V.
+  return out.astype(jnp.promote_types(out.dtype, jnp.float32)) if force_fp32_for_softmax else out
 
 
 class FlashMultiHeadAttention(nn.Module):
   """`flax.linen.MultiHeadDotProductAttention` on jax_flash's kernels.
 
-  Same fields, call signature and parameter tree as Flax's layer (checkpoints
-  load either way), plus:
+  Flax's fields but `attention_fn` (this layer's is jax_flash's),
+  `force_fp32_for_softmax` and the custom dot_general / einsum classes; the same
+  call signature and parameter tree (checkpoints load either way); plus:
     causal: causal self-attention without a mask (bottom-right aligned).
     num_kv_heads: grouped-query attention; key/value get this many heads
       (None: num_heads, which keeps Flax's parameter shapes).

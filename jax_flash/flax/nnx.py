@@ -74,12 +74,20 @@ class FlashMultiHeadAttention(nnx.MultiHeadAttention):
     rotary / rotary_base: rotary position embeddings on queries and keys at
       positions 0.. (the cache index when decoding).
     implementation, allow_fallback: as in `attention_fn`.
+  Its attention is jax_flash's `attention_fn`; another one is refused (NNX's own
+  layer takes it). While decoding, the cache limits each token to the keys up to
+  its position with or without `is_causal` (NNX's layer applies `is_causal`
+  top-left to the one-row scores, which leaves it only the first key).
   """
 
   def __init__(self, *args, causal: bool = False, window_size: Sequence[int] | None = None,
                rotary: bool = False, rotary_base: float = 10000.0,
                implementation: str | None = None, allow_fallback: bool = True, **kwargs):
-    kwargs.setdefault("attention_fn", attention_fn)
+    if kwargs.setdefault("attention_fn", attention_fn) is not attention_fn:
+      raise ValueError(
+          "jax_flash.flax.nnx.FlashMultiHeadAttention runs jax_flash's attention and takes "
+          "no other attention_fn (pass implementation= / allow_fallback= to the layer, or "
+          "use nnx.MultiHeadAttention with that attention_fn)")
     super().__init__(*args, **kwargs)
     self.causal = causal
     self.window_size = _core.check_window_size(window_size)
