@@ -179,40 +179,35 @@ class ExplicitAxesTest(parameterized.TestCase):
   like the query."""
 
   @parameterized.named_parameters(
-      ("batch_and_heads", P("data", None, "model"), 0, {}),
-      ("batch_and_heads_dropout_segments", P("data", None, "model"), 0,
-       dict(dropout_rate=0.2, segments=True)),
-      ("sequence", P("data", "model"), 1, {}),
+      ("batch_and_heads", P("data", None, "model"), False, False),
+      ("batch_and_heads_dropout_segments", P("data", None, "model"), False, True),
+      ("sequence", P("data", "model"), True, False),
   )
-  def test_results_and_gradients_equal_unsharded(self, spec, permutes, variant):
+  def test_results_and_gradients_equal_unsharded(self, spec, ring, variants):
     mesh = util.mesh_2x4(jax.sharding.AxisType.Explicit)
+    batch, seq, heads = (tuple(spec) + (None,) * 3)[:3]
     q, k, v, dout, dlse = util.random_inputs(11, batch=4, seq_q=64, seq_k=64, num_heads=8,
                                              num_kv_heads=4, head_dim=16, dtype=F32)
-    kwargs = dict(causal=True, return_lse=True)
-    if variant.get("dropout_rate"):
-      kwargs.update(dropout_rate=variant["dropout_rate"], dropout_rng=jax.random.key(2))
     ids = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 16)[None].repeat(4, 0)
 
     def run(q, k, v, dout, dlse, ids):
-      if variant.get("segments"):
-        kwargs["segment_ids"] = (ids, ids)
-      (out, lse), vjp = jax.vjp(functools.partial(jax_flash.flash_attention, **kwargs),
-                                q, k, v)
+      extra = dict(dropout_rate=0.2, dropout_rng=jax.random.key(2),
+                   segment_ids=(ids, ids)) if variants else {}
+      (out, lse), vjp = jax.vjp(functools.partial(
+          jax_flash.flash_attention, causal=True, return_lse=True, **extra), q, k, v)
       return out, lse, *vjp((dout, dlse))
 
     place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
     args = (place(q, spec), place(k, spec), place(v, spec), place(dout, spec),
-            place(dlse, P(spec[0], spec[2] if len(spec) > 2 else None, spec[1])),
-            place(ids, P(*spec[:2])))
+            place(dlse, P(batch, heads, seq)), place(ids, P(batch, seq)))
     got = jax.jit(run)(*args)
     expected = jax.jit(run)(q, k, v, dout, dlse, ids)
     for name, a, b in zip(util.RESULT_NAMES, got, expected):
       np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
-    out_spec = P(spec[0], spec[1], spec[2] if len(spec) > 2 else None, None)
-    self.assertEqual(jax.typeof(got[0]).sharding.spec, out_spec)
+    self.assertEqual(jax.typeof(got[0]).sharding.spec, P(batch, seq, heads, None))
     found = collectives(jax.jit(run).lower(*args).compile().as_text())
     self.assertEqual(found["all-gather"] + found["all-to-all"], 0)
-    self.assertEqual(found["collective-permute"] > 0, bool(permutes))
+    self.assertEqual(found["collective-permute"] > 0, ring)
 
 
 class ShardingErrorsTest(parameterized.TestCase):

@@ -55,8 +55,7 @@ def _hidden_rows_as_flax(out, value, *, q_offset: int, causal: bool, window_size
     return out
   group = out.shape[-2] // value.shape[-2]
   mean = jnp.repeat(value.astype(jnp.float32).mean(axis=-3), group, axis=-2)
-  mean = jnp.broadcast_to(mean[..., None, :, :], out.shape[:-3] + (rows,) + out.shape[-2:])
-  return lax.dynamic_update_slice_in_dim(out, mean.astype(out.dtype), 0, axis=-3)
+  return out.at[..., :rows, :, :].set(mean[..., None, :, :].astype(out.dtype))
 
 
 def repeat_kv_heads(query, key, value):
